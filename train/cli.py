@@ -1,0 +1,65 @@
+"""The command line: `python -m train --instance-data PATH --instance-prompt TEXT --output PATH.tar`.
+
+Every flag is a TrainConfig field with `-` for `_` (the Cog input names), with its default and
+help taken from the field. Booleans take a value, as Cog does: `--train-text-encoder false`.
+Exit 0 on success; on a user mistake, exit 2 with one line on stderr starting `error:`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import TrainConfig, UserError, field_type, fields
+
+REQUIRED = ("instance_data", "instance_prompt", "output")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the contract for user mistakes
+        self.exit(2, f"error: {message} (see python -m train --help)\n")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m train",
+                     description="DreamBooth: fine-tune Stable Diffusion on a few photos of a "
+                                 "subject and write a tarball of weights.")
+    for f in fields():
+        kind = field_type(f)
+        meta = f.metadata
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, required=f.name in REQUIRED,
+            type=parse_bool if kind is bool else kind, choices=meta["choices"],
+            default=f.default, metavar=_metavar(kind, meta),
+            help=meta["help"] + ("" if f.default in (None, "") else f" (default: {f.default})"))
+    return parser
+
+
+def _metavar(kind, meta):
+    if meta["choices"]:
+        return "{" + ",".join(meta["choices"]) + "}"
+    return {bool: "true|false", int: "N", float: "X"}.get(kind, "TEXT")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .recipe import run  # after parsing: --help and flag errors answer without torch
+
+    try:
+        run(TrainConfig(**vars(args)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0

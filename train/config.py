@@ -1,0 +1,200 @@
+"""TrainConfig: every setting of a DreamBooth run, its default, its one-line doc and its checks.
+
+This dataclass is the single home of the defaults. The Cog inputs (predict.py) and the CLI flags
+(`python -m train --help`) are derived from it, and a test checks they agree. Construct one in
+Python and hand it to `train.run`:
+
+    from train import TrainConfig, run
+    run(TrainConfig(instance_data="dog.zip", instance_prompt="a photo of sks dog",
+                    class_prompt="a photo of a dog", model="tiny", output="dog.tar"))
+
+Bad values raise `UserError` with one line that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup"]
+MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
+
+
+class UserError(ValueError):
+    """A mistake in the user's input. Front doors print its message as one line, no traceback."""
+
+
+def setting(default, help: str, *, ge=None, le=None, choices=None, cog: bool = True):
+    """A dataclass field carrying its doc, bounds and choices; `cog=False` keeps it CLI-only."""
+    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "cog": cog}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- What to train on -------------------------------------------------------------------
+    instance_data: str | None = setting(
+        None, "ZIP of 3-20 photos of the subject; the CLI also takes a folder of images")
+    instance_prompt: str = setting(
+        "", "Prompt naming the subject with a rare identifier and its class, e.g. 'a photo of "
+            "sks dog'")
+    class_prompt: str | None = setting(
+        None, "Prompt for the subject's class without the identifier, e.g. 'a photo of a dog'; "
+              "needed with prior preservation")
+    class_data: str | None = setting(
+        None, "Optional ZIP of class images; they count toward num_class_images and the rest "
+              "are generated")
+    num_class_images: int = setting(
+        50, "Class images for prior preservation; those missing from class_data are generated "
+            "by the base model", ge=0, le=10000)
+    with_prior_preservation: bool = setting(
+        True, "Also train on class images so the model keeps its idea of the class")
+    prior_loss_weight: float = setting(
+        1.0, "Weight of the class (prior-preservation) half of the loss", ge=0.0, le=1000.0)
+    class_infer_steps: int = setting(
+        50, "Sampling steps for each generated class image", ge=1, le=1000)
+
+    # --- Samples rendered with the trained model --------------------------------------------
+    save_sample_prompt: str | None = setting(
+        None, "If set, render sample images with this prompt into samples/ of the output")
+    save_sample_negative_prompt: str | None = setting(
+        None, "Negative prompt for the sample images")
+    n_save_sample: int = setting(4, "Number of sample images", ge=1, le=100)
+    save_guidance_scale: float = setting(
+        7.5, "Classifier-free guidance scale for the sample images", ge=0.0, le=50.0)
+    save_infer_steps: int = setting(50, "Sampling steps for the sample images", ge=1, le=1000)
+
+    # --- Data -------------------------------------------------------------------------------
+    resolution: int = setting(
+        512, "Training resolution in pixels (images are resized, then cropped square); a "
+             "multiple of 8", ge=64, le=2048)
+    center_crop: bool = setting(
+        False, "Crop the centre of each image; otherwise a random square crop, fixed per image "
+               "by the seed")
+    pad_tokens: bool = setting(
+        False, "Pad every prompt to the tokenizer's full length (77) instead of to the longest "
+               "prompt in the batch")
+
+    # --- Training length and batch ----------------------------------------------------------
+    train_batch_size: int = setting(
+        1, "Instance images per step (as many class images are added)", ge=1, le=64)
+    sample_batch_size: int = setting(
+        4, "Images generated at once, for class images and samples", ge=1, le=64)
+    num_train_epochs: int = setting(
+        1, "Passes over the data; used only when max_train_steps is 0", ge=1, le=100000)
+    max_train_steps: int = setting(
+        2000, "Optimizer steps to train; overrides num_train_epochs (0 = train for "
+              "num_train_epochs)", ge=0, le=1000000)
+    gradient_accumulation_steps: int = setting(
+        1, "Batches whose gradients are summed before each optimizer step", ge=1, le=1024)
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass: less memory, about 30% slower")
+
+    # --- Model and optimizer ----------------------------------------------------------------
+    train_text_encoder: bool = setting(True, "Fine-tune the text encoder as well as the UNet")
+    learning_rate: float = setting(1e-6, "Learning rate (before scale_lr)", ge=0.0, le=1.0)
+    scale_lr: bool = setting(
+        False, "Multiply the learning rate by train_batch_size x gradient_accumulation_steps")
+    lr_scheduler: str = setting(
+        "constant", "Learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(
+        0, "Steps of linear warm-up at the start of the schedule", ge=0, le=1000000)
+    lr_num_cycles: int = setting(
+        1, "Hard restarts of the cosine_with_restarts schedule", ge=1, le=1000)
+    lr_power: float = setting(1.0, "Power of the polynomial schedule", ge=0.0, le=10.0)
+    use_8bit_adam: bool = setting(
+        False, "8-bit AdamW from bitsandbytes: optimizer state in a quarter of the memory")
+    adam_beta1: float = setting(0.9, "AdamW beta1", ge=0.0, le=1.0)
+    adam_beta2: float = setting(0.999, "AdamW beta2", ge=0.0, le=1.0)
+    adam_weight_decay: float = setting(0.01, "AdamW weight decay", ge=0.0, le=1.0)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon", ge=0.0, le=1.0)
+    max_grad_norm: float = setting(
+        1.0, "Clip the gradient norm to this value (0 = no clipping)", ge=0.0, le=1000.0)
+    mixed_precision: str = setting(
+        "auto", "Precision of the forward pass on GPU: auto (bf16 where supported, else fp16), "
+                "fp16, bf16 or no; always fp32 on CPU", choices=MIXED_PRECISION)
+    seed: int = setting(1337, "Seed for everything random: the same seed gives the same weights",
+                        ge=0, le=2**32 - 1)
+
+    # --- Progress ---------------------------------------------------------------------------
+    log_every: int = setting(
+        0, "Print a progress line every this many steps (0 = about 50 lines per run)",
+        ge=0, le=1000000)
+
+    # --- CLI and Python API only (Cog gets these from its environment) ----------------------
+    model: str = setting(
+        "weights", "Base model: a diffusers folder, or a built-in name (tiny, random-sd15); Cog "
+                   "reads BASE_MODEL", cog=False)
+    output: str | None = setting(None, "Path of the output tarball (.tar)", cog=False)
+    work_dir: str | None = setting(
+        None, "Folder for intermediate files (default: a temporary folder, removed at the end)",
+        cog=False)
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
+        if not self.instance_prompt.strip():
+            raise UserError("instance_prompt is empty: give a prompt that names the subject, "
+                            "e.g. 'a photo of sks dog'")
+        if self.with_prior_preservation:
+            if not (self.class_prompt or "").strip():
+                raise UserError("class_prompt is needed with prior preservation: give one, e.g. "
+                                "'a photo of a dog', or set with_prior_preservation to false")
+            if self.num_class_images < 1:
+                raise UserError("num_class_images must be at least 1 with prior preservation, "
+                                "or set with_prior_preservation to false")
+        if self.resolution % 8:
+            raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
+                            f"try {self.resolution // 8 * 8}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _checked(f: dataclasses.Field, hint, value):
+    """Coerce a value to its field's type where it is lossless, else raise a UserError."""
+    optional = type(None) in typing.get_args(hint)
+    base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{f.name} is required")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{f.name} must be true or false (got {value!r})")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{f.name} must be a whole number (got {value!r})")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{f.name} must be a number (got {value!r})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number (got {value!r})")
+    elif base is str:
+        if not isinstance(value, str):
+            raise UserError(f"{f.name} must be text (got {value!r})")
+    meta = f.metadata
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UserError(f"{f.name} must be one of {', '.join(meta['choices'])} (got {value!r})")
+    if meta["ge"] is not None and value < meta["ge"]:
+        raise UserError(f"{f.name} must be at least {meta['ge']} (got {value})")
+    if meta["le"] is not None and value > meta["le"]:
+        raise UserError(f"{f.name} must be at most {meta['le']} (got {value})")
+    return value
+
+
+def fields() -> list[dataclasses.Field]:
+    """TrainConfig's fields in declaration order (what the CLI and predict.py derive from)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The plain type of a field: str, int, float or bool (Optional unwrapped)."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [t for t in typing.get_args(hint) if t is not type(None)]
+    return args[0] if args else hint

@@ -1,0 +1,123 @@
+"""The DreamBooth training loop: instance and class images in one batch, the loss split in two.
+
+Each step draws `train_batch_size` instance latents and as many class latents, noises them at
+random timesteps, and asks the UNet for the noise (or v); the loss is
+
+    MSE(instance half) + prior_loss_weight * MSE(class half)
+
+The class half is DreamBooth's prior preservation: it keeps the model able to draw the plain
+class while it learns the subject. `recipe.run` calls `train`; everything random comes from one
+seeded CPU generator, so on a CPU the same seed gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import TrainingData, batch_indices
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int,
+                    prior_loss_weight: float):
+    """(total, instance, class) MSE losses; the first `n_instance` rows are instance images."""
+    instance = F.mse_loss(pred[:n_instance].float(), target[:n_instance].float())
+    if pred.shape[0] == n_instance:
+        return instance, instance, torch.zeros_like(instance)
+    prior = F.mse_loss(pred[n_instance:].float(), target[n_instance:].float())
+    return instance + prior_loss_weight * prior, instance, prior
+
+
+def noise_target(scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict, following the scheduler's prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+          data: TrainingData, params, total_steps: int, batch_size: int,
+          prior_loss_weight: float, pad_tokens: bool, max_grad_norm: float, seed: int,
+          log_every: int, log=print) -> list[dict]:
+    """Run `total_steps` optimizer steps; returns the loss history (one entry per step)."""
+    device = accelerator.device
+    generator = torch.Generator().manual_seed(seed)
+    n_inst, n_cls = len(data.inst_prompt), len(data.cls_prompt)
+    batches = batch_indices(n_inst, n_cls, batch_size, generator)
+    train_text = data.prompt_emb is None
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    unet.train()
+    text_encoder.train(train_text)
+
+    history, sums, micro = [], torch.zeros(3), 0
+    start = time.perf_counter()
+    step = 0
+    while step < total_steps:
+        inst, cls = batch_indices_to_tensors(next(batches))
+        mean = torch.cat([data.inst_mean[inst], data.cls_mean[cls]])
+        std = torch.cat([data.inst_std[inst], data.cls_std[cls]])
+        prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
+        # Noise is drawn on the CPU from the seeded generator: the same on every device.
+        sample_noise = torch.randn(mean.shape, generator=generator).to(device)
+        noise = torch.randn(mean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, num_timesteps, (mean.shape[0],), generator=generator)
+        timesteps = timesteps.to(device)
+        latents = mean + std * sample_noise
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise_target(noise_scheduler, latents, noise, timesteps)
+        # Without pad_tokens, prompts are padded only to the longest one in the batch.
+        length = data.prompt_ids.shape[1] if pad_tokens else int(data.prompt_len[prompts].max())
+
+        with accelerator.accumulate(unet, text_encoder):
+            if train_text:
+                states = text_encoder(data.prompt_ids[prompts.to(device), :length])[0]
+            else:
+                states = data.prompt_emb[prompts.to(device), :length]
+            pred = unet(noisy, timesteps, states).sample
+            loss, inst_loss, cls_loss = dreambooth_loss(pred, target, len(inst),
+                                                        prior_loss_weight)
+            accelerator.backward(loss)
+            sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
+            micro += 1
+            if accelerator.sync_gradients:
+                if max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        if accelerator.sync_gradients:
+            step += 1
+            total, inst_mse, cls_mse = (sums / micro).tolist()
+            lr = lr_scheduler.get_last_lr()[0]
+            history.append({"step": step, "loss": total, "instance_loss": inst_mse,
+                            "class_loss": cls_mse, "lr": lr})
+            sums, micro = torch.zeros(3), 0
+            if step == 1 or step == total_steps or step % log_every == 0:
+                log(progress_line(step, total_steps, total, lr, time.perf_counter() - start))
+    return history
+
+
+def batch_indices_to_tensors(pair):
+    inst, cls = pair
+    return torch.tensor(inst, dtype=torch.long), torch.tensor(cls, dtype=torch.long)
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, elapsed: float) -> str:
+    """`step 40/200 (20%)  loss 0.1234  lr 1.0e-06  8.1 steps/s  elapsed 0:05  left 0:20`"""
+    rate = step / elapsed if elapsed > 0 else 0.0
+    left = (total - step) / rate if rate > 0 else 0.0
+    return (f"step {step}/{total} ({100 * step // total}%)  loss {loss:.4f}  lr {lr:.1e}  "
+            f"{rate:.2f} steps/s  elapsed {clock(elapsed)}  left {clock(left)}")
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss or m:ss."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,268 @@
+"""The DreamBooth recipe, top to bottom: `run(config)` turns photos into a tarball of weights.
+
+    intake -> checks and dataset summary -> load base model -> top up class images ->
+    cache latents (and text embeddings) -> train -> samples -> export -> tarball
+
+Every check of the user's input happens before the model loads. The work directory is removed
+at the end, whether the run succeeded or not. The front doors (`python -m train`, predict.py)
+only build a TrainConfig and call this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .config import TrainConfig, UserError
+from .export import save_images, save_pipeline, versions, write_json, write_tar
+from .intake import read_images, require_images
+
+
+def run(config: TrainConfig, log=print) -> Path:
+    """Train DreamBooth as `config` says; returns the path of the output tarball."""
+    if not config.output:
+        raise UserError("output is required: the path of the tarball to write, e.g. model.tar")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name):
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    # 1. Intake and every check of user input, before any model loads.
+    instance, inst_skipped = read_images(config.instance_data or "", "instance_data",
+                                         config.instance_prompt, config.resolution)
+    require_images(instance, inst_skipped, "instance_data")
+    classes, cls_skipped = [], []
+    prior = config.with_prior_preservation
+    if prior and config.class_data:
+        classes, cls_skipped = read_images(config.class_data, "class_data", config.class_prompt,
+                                           config.resolution, limit=config.num_class_images)
+    if config.use_8bit_adam:
+        _bitsandbytes_adamw()
+    plan = make_plan(config, len(instance))
+    n_generate = plan["class_images"] - len(classes)
+    for line in dataset_summary(config, instance, inst_skipped, classes, cls_skipped,
+                                n_generate, plan):
+        log(line)
+    phase("intake")
+
+    work = Path(config.work_dir or tempfile.mkdtemp(prefix="dreambooth-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped,
+                                 n_generate, work, timings, phase, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped, n_generate,
+                      work, timings, phase, log):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from .intake import Example
+    from .loop import train
+    from .models import load_pipeline
+    from .sampling import generate
+
+    _quiet_libraries()
+    torch.manual_seed(config.seed)
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(config.mixed_precision, cuda)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    log(f"model: loading {config.model} on {device} ({precision} mixed precision)"
+        if precision != "no" else f"model: loading {config.model} on {device} (fp32)")
+    pipe = load_pipeline(config.model, device)
+    phase("load_model")
+
+    # 2. Top up class images with the base model itself (before any weight changes).
+    # On a GPU the pipeline runs under autocast: fp32 weights stay exact for training.
+    def half():
+        return (torch.autocast("cuda", dtype=weight_dtype) if precision != "no"
+                else contextlib.nullcontext())
+
+    if n_generate > 0:
+        with half():
+            made = generate(pipe, config.class_prompt, n_generate,
+                            batch_size=config.sample_batch_size,
+                            steps=config.class_infer_steps,
+                            guidance=7.5, seed=config.seed, resolution=config.resolution,
+                            label="class images", log=log)
+        classes += [Example(f"generated/{i:04d}.png", config.class_prompt, im.size, im)
+                    for i, im in enumerate(made)]
+    phase("class_images")
+
+    # 3. Cache latents once; and text embeddings too when the text encoder stays frozen.
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    vae.requires_grad_(False).to(dtype=weight_dtype)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    if not config.train_text_encoder:
+        text_encoder.to(dtype=weight_dtype)
+    data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
+                            config.resolution, config.center_crop,
+                            cache_embeddings=not config.train_text_encoder, seed=config.seed)
+    phase("cache")
+
+    # 4. Train.
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    params = [p for p in unet.parameters()]
+    if config.train_text_encoder:
+        params += list(text_encoder.parameters())
+    adamw = _bitsandbytes_adamw() if config.use_8bit_adam else torch.optim.AdamW
+    optimizer = adamw(params, lr=plan["learning_rate"],
+                      betas=(config.adam_beta1, config.adam_beta2),
+                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=plan["steps"],
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    log(f"training: {plan['steps']} steps")
+    history = train(accelerator=accelerator, unet=unet, text_encoder=text_encoder,
+                    noise_scheduler=noise_scheduler, optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, data=data, params=params,
+                    total_steps=plan["steps"], batch_size=config.train_batch_size,
+                    prior_loss_weight=config.prior_loss_weight if plan["class_images"] else 0.0,
+                    pad_tokens=config.pad_tokens, max_grad_norm=config.max_grad_norm,
+                    seed=config.seed, log_every=plan["log_every"], log=log)
+    pipe.unet = accelerator.unwrap_model(unet).eval()
+    pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+    del optimizer, lr_scheduler, data
+    accelerator.free_memory()
+    phase("train")
+
+    # 5. Samples, then the output folder and the tarball.
+    out = work / "output"
+    out.mkdir()
+    samples = []
+    if config.save_sample_prompt:
+        with half():
+            images = generate(pipe, config.save_sample_prompt, config.n_save_sample,
+                              batch_size=config.sample_batch_size,
+                              steps=config.save_infer_steps,
+                              guidance=config.save_guidance_scale, seed=config.seed,
+                              resolution=config.resolution,
+                              negative_prompt=config.save_sample_negative_prompt,
+                              label="samples", log=log)
+        samples = save_images(images, out / "samples", "sample")
+    phase("samples")
+    save_pipeline(pipe, out)
+    phase("export")
+    record = {
+        "config": config.to_dict(),
+        "plan": plan,
+        "device": str(device),
+        "mixed_precision": precision,
+        "versions": versions(),
+        "timings": timings,
+        "dataset": {
+            "instance": {"used": [ex.report() for ex in instance], "skipped": inst_skipped},
+            "class": {"used": [ex.report() for ex in classes], "skipped": cls_skipped},
+        },
+        "samples": [f"samples/{name}" for name in samples],
+        "history": history,
+    }
+    write_json(out / "training.json", record)
+    size = write_tar(out, Path(config.output))
+    phase("tar")
+    log(f"done: wrote {config.output} ({size / 2**20:.1f} MiB) in "
+        f"{sum(timings.values()):.1f}s")
+    return Path(config.output)
+
+
+def make_plan(config: TrainConfig, n_instance: int) -> dict:
+    """Resolve training length and learning rate. `max_train_steps` wins when it is set;
+    0 means train for `num_train_epochs` epochs."""
+    n_class = config.num_class_images if config.with_prior_preservation else 0
+    per_epoch = data_mod.steps_per_epoch(n_instance, n_class, config.train_batch_size,
+                                         config.gradient_accumulation_steps)
+    steps = config.max_train_steps or config.num_train_epochs * per_epoch
+    scale = config.train_batch_size * config.gradient_accumulation_steps
+    return {
+        "steps": steps,
+        "steps_per_epoch": per_epoch,
+        "epochs": round(steps / per_epoch, 3),
+        "instance_images": n_instance,
+        "class_images": n_class,
+        "learning_rate": config.learning_rate * (scale if config.scale_lr else 1),
+        "log_every": config.log_every or max(1, math.ceil(steps / 50)),
+    }
+
+
+def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_generate, plan):
+    """Lines that tell a person what is about to be trained on, before anything slow starts."""
+    lines = [f"dataset: {len(instance)} instance images, {len(inst_skipped)} files skipped"]
+    for ex in instance:
+        lines.append(f"  use   {ex.file}  {ex.size[0]}x{ex.size[1]}  \"{ex.caption}\"")
+    for s in inst_skipped:
+        lines.append(f"  skip  {s['file']}  ({s['reason']})")
+    if config.with_prior_preservation:
+        lines.append(f"class images: {plan['class_images']} \"{config.class_prompt}\" "
+                     f"({len(classes)} from class_data, {n_generate} to generate)")
+        for s in cls_skipped:
+            lines.append(f"  skip  {s['file']}  ({s['reason']})")
+    else:
+        lines.append("class images: none (prior preservation off)")
+    by = ("max_train_steps" if config.max_train_steps
+          else f"num_train_epochs={config.num_train_epochs}")
+    lines.append(f"plan: {plan['steps']} steps ({plan['epochs']} epochs of "
+                 f"{plan['steps_per_epoch']} steps, set by {by}), batch "
+                 f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
+                 f"lr {plan['learning_rate']:.1e} {config.lr_scheduler}, text encoder "
+                 f"{'trained' if config.train_text_encoder else 'frozen'}")
+    if config.max_train_steps and config.num_train_epochs != 1:
+        lines.append(f"warning: num_train_epochs={config.num_train_epochs} is overridden by "
+                     f"max_train_steps={config.max_train_steps}; set max_train_steps to 0 to "
+                     f"train by epochs")
+    return lines
+
+
+def resolve_precision(choice: str, cuda: bool) -> str:
+    """The mixed precision to use: always fp32 ("no") on CPU; "auto" is bf16 where the GPU
+    supports it, else fp16."""
+    if not cuda:
+        return "no"
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return choice
+
+
+def _bitsandbytes_adamw():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("use_8bit_adam needs bitsandbytes, which is not installed: "
+                        "pip install bitsandbytes, or set use_8bit_adam to false") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def _quiet_libraries():
+    """Library progress bars and notices would drown the progress lines in Cog's logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
