@@ -85,8 +85,9 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
             sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
             micro += 1
             if accelerator.sync_gradients:
-                if max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, max_grad_norm)
+                # An infinite limit measures the norm without clipping (0 = no clipping).
+                grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -94,9 +95,8 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
         if accelerator.sync_gradients:
             step += 1
             total, inst_mse, cls_mse = (sums / micro).tolist()
-            lr = lr_scheduler.get_last_lr()[0]
             history.append({"step": step, "loss": total, "instance_loss": inst_mse,
-                            "class_loss": cls_mse, "lr": lr})
+                            "class_loss": cls_mse, "grad_norm": float(grad_norm), "lr": lr})
             sums, micro = torch.zeros(3), 0
             if step == 1 or step == total_steps or step % log_every == 0:
                 log(progress_line(step, total_steps, total, lr, time.perf_counter() - start))

@@ -1,0 +1,68 @@
+"""Shared test fixtures: archives and images built in code, fast settings for the `tiny` model.
+
+Run the suite with `script/test` (sets up .venv, then pytest), or `pytest` inside the venv.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from train.example_data import write_example_zip  # noqa: E402
+
+# Settings that make a full run take seconds on the tiny model.
+FAST = dict(model="tiny", resolution=64, num_class_images=2, class_infer_steps=2,
+            sample_batch_size=2, max_train_steps=4, learning_rate=1e-4)
+
+
+def image_bytes(color=(200, 40, 40), size=(64, 48), fmt="JPEG", mode="RGB", exif=None) -> bytes:
+    image = Image.new(mode, size, color)
+    buffer = io.BytesIO()
+    kwargs = {"exif": exif} if exif is not None else {}
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload)
+    return path
+
+
+def untar(tar_path: Path, dest: Path) -> Path:
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def read_training_json(folder: Path) -> dict:
+    return json.loads((folder / "training.json").read_text())
+
+
+@pytest.fixture
+def photos_zip(tmp_path) -> Path:
+    """Four example subject photos, 64 px, in a nested folder of a ZIP."""
+    return write_example_zip(tmp_path / "photos.zip", count=4, size=64)
+
+
+@pytest.fixture
+def venv_env():
+    """Environment for subprocesses: this interpreter's venv first on PATH, repo importable."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(ROOT)
+    return env

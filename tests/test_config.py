@@ -1,0 +1,91 @@
+"""TrainConfig, the Cog inputs and the CLI flags: one set of names, defaults, bounds and checks."""
+
+import pytest
+from cog._inspector import create_predictor
+
+from train.cli import build_parser
+from train.config import TrainConfig, UserError, fields
+
+# replicate/dreambooth's inputs with their defaults (DESIGN.md section 6): clients send these.
+REPLICATE_DEFAULTS = dict(
+    class_data=None, num_class_images=50, save_sample_prompt=None,
+    save_sample_negative_prompt=None, n_save_sample=4, save_guidance_scale=7.5,
+    save_infer_steps=50, pad_tokens=False, with_prior_preservation=True, prior_loss_weight=1.0,
+    seed=1337, resolution=512, center_crop=False, train_text_encoder=True, train_batch_size=1,
+    sample_batch_size=4, num_train_epochs=1, max_train_steps=2000, gradient_accumulation_steps=1,
+    gradient_checkpointing=False, learning_rate=1e-6, scale_lr=False, lr_scheduler="constant",
+    lr_warmup_steps=0, use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
+    adam_weight_decay=0.01, adam_epsilon=1e-8, max_grad_norm=1.0)
+REPLICATE_REQUIRED = ("instance_prompt", "class_prompt", "instance_data")
+
+
+def valid(**overrides):
+    base = dict(instance_data="x.zip", instance_prompt="a photo of sks dog",
+                class_prompt="a photo of a dog")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_replicate_defaults_kept():
+    config = valid()
+    for name, default in REPLICATE_DEFAULTS.items():
+        assert getattr(config, name) == default, name
+    assert len(REPLICATE_DEFAULTS) + len(REPLICATE_REQUIRED) == 33
+
+
+def test_cog_inputs_derive_from_config():
+    inputs = create_predictor("predict", "Predictor").inputs
+    cog_fields = {f.name: f for f in fields() if f.metadata["cog"]}
+    assert set(inputs) == set(cog_fields)
+    assert set(REPLICATE_DEFAULTS) | set(REPLICATE_REQUIRED) <= set(inputs)
+    for name, f in cog_fields.items():
+        field = inputs[name]
+        if name in ("instance_data", "instance_prompt"):
+            assert field.default is None and field.type.repetition.name == "REQUIRED", name
+            continue
+        assert field.default == f.default, name
+        assert field.description == f.metadata["help"], name
+        assert field.choices == f.metadata["choices"], name
+        for bound in ("ge", "le"):
+            expected = f.metadata[bound]
+            assert getattr(field, bound) == (None if expected is None else float(expected)), name
+
+
+def test_cli_flags_derive_from_config():
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    assert set(actions) == {f.name for f in fields()}
+    for f in fields():
+        assert actions[f.name].default == f.default, f.name
+        assert actions[f.name].option_strings == ["--" + f.name.replace("_", "-")]
+
+
+def test_cli_booleans_take_a_value():
+    args = build_parser().parse_args(["--instance-data", "a.zip", "--instance-prompt", "p",
+                                      "--output", "o.tar", "--train-text-encoder", "false",
+                                      "--center-crop", "true"])
+    assert args.train_text_encoder is False and args.center_crop is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(learning_rate=-1.0), "learning_rate must be at least 0.0"),
+    (dict(resolution=4096), "resolution must be at most 2048"),
+    (dict(resolution=500), "resolution must be a multiple of 8"),
+    (dict(lr_scheduler="exponential"), "lr_scheduler must be one of linear"),
+    (dict(train_batch_size=1.5), "train_batch_size must be a whole number"),
+    (dict(center_crop="yes"), "center_crop must be true or false"),
+    (dict(instance_prompt="  "), "instance_prompt is empty"),
+    (dict(class_prompt=None), "class_prompt is needed with prior preservation"),
+    (dict(num_class_images=0), "num_class_images must be at least 1 with prior preservation"),
+    (dict(adam_beta1=float("nan")), "adam_beta1 must be a finite number"),
+])
+def test_bad_values_are_refused_with_a_reason(overrides, message):
+    with pytest.raises(UserError, match=message):
+        valid(**overrides)
+
+
+def test_prior_preservation_off_needs_no_class_prompt():
+    config = valid(class_prompt=None, with_prior_preservation=False, num_class_images=0)
+    assert config.class_prompt is None
+
+
+def test_ints_are_accepted_for_floats():
+    assert valid(prior_loss_weight=2).prior_loss_weight == 2.0

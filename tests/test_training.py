@@ -1,0 +1,232 @@
+"""The training recipe on the tiny model: it learns, prior preservation counts, every setting acts.
+
+Each test runs the real `train.run` (real diffusers and transformers models built from configs)
+and reads the tarball it wrote.
+"""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, image_bytes, make_zip, read_training_json, untar
+from train import TrainConfig, run
+from train.data import encode_images, tokenize
+from train.intake import read_images
+from train.loop import dreambooth_loss, noise_target
+from train.models import build_builtin
+
+
+def train_tiny(tmp_path, photos_zip, name="run", **overrides):
+    """Run the recipe on the tiny model; returns (untarred output folder, log lines)."""
+    lines = []
+    settings = dict(FAST, instance_data=str(photos_zip), instance_prompt="a photo of sks ball",
+                    class_prompt="a photo of a ball", output=str(tmp_path / f"{name}.tar"),
+                    work_dir=str(tmp_path / f"{name}-work"))
+    config = TrainConfig(**{**settings, **overrides})
+    tar = run(config, log=lines.append)
+    assert not (tmp_path / f"{name}-work").exists(), "work directory left behind"
+    return untar(tar, tmp_path / name), lines
+
+
+def unet_weights(folder):
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def weight_change(folder, base):
+    trained = unet_weights(folder)
+    return math.sqrt(sum(((trained[k].float() - v.float()) ** 2).sum().item()
+                         for k, v in base.items()))
+
+
+@pytest.fixture(scope="module")
+def base_unet():
+    """The tiny UNet before training, rounded to fp16 as outputs are saved."""
+    return {k: v.half() for k, v in build_builtin("tiny").unet.state_dict().items()}
+
+
+@torch.no_grad()
+def denoising_loss(unet, text_encoder, tokenizer, latents, prompt, seed=0):
+    """Mean noise-prediction error over fixed noise and fixed timesteps."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = torch.tensor([50, 200, 400, 600, 800])
+    states = text_encoder(tokenize(tokenizer, [prompt])[0])[0]
+    total = 0.0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = scheduler.add_noise(latents, noise, t.repeat(len(latents)))
+        pred = unet(noisy, t, states.expand(len(latents), -1, -1)).sample
+        total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / len(timesteps)
+
+
+def test_the_loop_learns_the_instance_images(tmp_path, photos_zip):
+    from diffusers import DiffusionPipeline
+
+    out, _ = train_tiny(tmp_path, photos_zip, max_train_steps=40, learning_rate=1e-3,
+                        with_prior_preservation=False, train_text_encoder=False)
+    base = build_builtin("tiny")
+    images, _ = read_images(photos_zip, "instance_data", "", 64)
+    latents = encode_images(base.vae, images, 64, True, seed=0)[0]
+    prompt = "a photo of sks ball"
+    before = denoising_loss(base.unet, base.text_encoder, base.tokenizer, latents, prompt)
+    trained = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    after = denoising_loss(trained.unet, trained.text_encoder, trained.tokenizer, latents, prompt)
+    print(f"denoising loss before {before:.4f} after {after:.4f}")
+    assert after < 0.6 * before, (before, after)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, photos_zip):
+    a, _ = train_tiny(tmp_path, photos_zip, "a", max_train_steps=3)
+    b, _ = train_tiny(tmp_path, photos_zip, "b", max_train_steps=3)
+    c, _ = train_tiny(tmp_path, photos_zip, "c", max_train_steps=3, seed=7)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        wa, wb, wc = (load_file(x / part) for x in (a, b, c))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+        assert not all(torch.equal(wa[k], wc[k]) for k in wa), part
+
+
+def test_prior_preservation_adds_a_weighted_class_loss(tmp_path, photos_zip):
+    out, lines = train_tiny(tmp_path, photos_zip, prior_loss_weight=2.5, num_class_images=3)
+    record = read_training_json(out)
+    for h in record["history"]:
+        assert h["class_loss"] > 0
+        assert h["loss"] == pytest.approx(h["instance_loss"] + 2.5 * h["class_loss"], rel=1e-5)
+    generated = [c for c in record["dataset"]["class"]["used"] if c["file"].startswith("gen")]
+    assert len(generated) == 3
+    assert any(line.startswith("class images: 3/3") for line in lines)
+
+    off, _ = train_tiny(tmp_path, photos_zip, "off", with_prior_preservation=False)
+    record = read_training_json(off)
+    assert record["dataset"]["class"]["used"] == []
+    assert all(h["class_loss"] == 0 and h["loss"] == h["instance_loss"]
+               for h in record["history"])
+
+
+def test_the_prior_loss_weight_changes_the_weights(tmp_path, photos_zip, base_unet):
+    zero, _ = train_tiny(tmp_path, photos_zip, "zero", prior_loss_weight=0.0)
+    one, _ = train_tiny(tmp_path, photos_zip, "one", prior_loss_weight=1.0)
+    assert not torch.equal(unet_weights(zero)["conv_in.weight"],
+                           unet_weights(one)["conv_in.weight"])
+
+
+def test_dreambooth_loss_splits_the_batch():
+    pred = torch.zeros(4, 1)
+    target = torch.tensor([[1.0], [1.0], [2.0], [2.0]])
+    total, instance, prior = dreambooth_loss(pred, target, 2, prior_loss_weight=0.5)
+    assert (instance.item(), prior.item(), total.item()) == (1.0, 4.0, 3.0)
+
+
+def test_class_data_counts_toward_num_class_images(tmp_path, photos_zip):
+    class_zip = make_zip(tmp_path / "class.zip", {f"dogs/{i}.jpg": image_bytes() for i in range(4)})
+    out, _ = train_tiny(tmp_path, photos_zip, class_data=str(class_zip), num_class_images=5)
+    used = [c["file"] for c in read_training_json(out)["dataset"]["class"]["used"]]
+    assert used == ["dogs/0.jpg", "dogs/1.jpg", "dogs/2.jpg", "dogs/3.jpg", "generated/0000.png"]
+
+    out, _ = train_tiny(tmp_path, photos_zip, "capped", class_data=str(class_zip),
+                        num_class_images=2)
+    dataset = read_training_json(out)["dataset"]["class"]
+    assert [c["file"] for c in dataset["used"]] == ["dogs/0.jpg", "dogs/1.jpg"]
+    assert [c["file"] for c in dataset["skipped"]] == ["dogs/2.jpg", "dogs/3.jpg"]
+
+
+def test_epochs_used_when_max_train_steps_is_zero(tmp_path, photos_zip):
+    out, lines = train_tiny(tmp_path, photos_zip, max_train_steps=0, num_train_epochs=3,
+                            with_prior_preservation=False, train_batch_size=2)
+    record = read_training_json(out)
+    assert len(record["history"]) == 6  # 4 images, batch 2: 2 steps an epoch
+    assert record["plan"]["epochs"] == 3
+
+    out, lines = train_tiny(tmp_path, photos_zip, "steps", max_train_steps=5, num_train_epochs=3,
+                            with_prior_preservation=False)
+    assert len(read_training_json(out)["history"]) == 5
+    assert any("num_train_epochs=3 is overridden by max_train_steps=5" in x for x in lines)
+
+
+def test_scale_lr_and_accumulation(tmp_path, photos_zip):
+    out, _ = train_tiny(tmp_path, photos_zip, scale_lr=True, train_batch_size=2,
+                        gradient_accumulation_steps=3, max_train_steps=2,
+                        with_prior_preservation=False)
+    history = read_training_json(out)["history"]
+    assert len(history) == 2
+    assert all(h["lr"] == pytest.approx(1e-4 * 2 * 3) for h in history)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "cosine_with_restarts", "polynomial",
+                                  "constant", "constant_with_warmup"])
+def test_every_lr_scheduler(tmp_path, photos_zip, name):
+    out, _ = train_tiny(tmp_path, photos_zip, lr_scheduler=name, lr_warmup_steps=2,
+                        max_train_steps=6, with_prior_preservation=False,
+                        train_text_encoder=False, lr_num_cycles=2)
+    lrs = [h["lr"] / 1e-4 for h in read_training_json(out)["history"]]
+    if name == "constant":
+        assert lrs == [1.0] * 6
+    else:
+        assert lrs[:2] == [0.0, 0.5]  # linear warm-up over 2 steps
+        assert lrs[2] == pytest.approx(1.0)
+    if name in ("linear", "polynomial"):  # polynomial (power 1) decays to 1e-7, not 0
+        assert lrs[3:] == pytest.approx([0.75, 0.5, 0.25], abs=1e-2)
+    if name == "cosine":
+        assert lrs[3:] == pytest.approx([(1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3)])
+    if name == "cosine_with_restarts":  # two cycles of 2 steps each after warm-up
+        assert lrs[4] == pytest.approx(1.0)
+    if name == "constant_with_warmup":
+        assert lrs[3:] == [1.0] * 3
+
+
+def test_max_grad_norm_clips(tmp_path, photos_zip, base_unet):
+    free, _ = train_tiny(tmp_path, photos_zip, "free", max_grad_norm=0.0,
+                         with_prior_preservation=False, max_train_steps=3)
+    clipped, _ = train_tiny(tmp_path, photos_zip, "clipped", max_grad_norm=1e-7,
+                            with_prior_preservation=False, max_train_steps=3)
+    # Adam normalises the step, but gradients clipped far below epsilon barely move weights.
+    assert weight_change(clipped, base_unet) < 0.1 * weight_change(free, base_unet)
+    norms = [h["grad_norm"] for h in read_training_json(clipped)["history"]]
+    assert all(n > 1e-7 for n in norms)  # the recorded norm is the one before clipping
+
+
+def test_8bit_adam_trains(tmp_path, photos_zip, base_unet):
+    out, _ = train_tiny(tmp_path, photos_zip, use_8bit_adam=True, with_prior_preservation=False)
+    assert weight_change(out, base_unet) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, photos_zip):
+    plain, _ = train_tiny(tmp_path, photos_zip, "plain", max_train_steps=2)
+    ckpt, _ = train_tiny(tmp_path, photos_zip, "ckpt", max_train_steps=2,
+                         gradient_checkpointing=True)
+    a, b = unet_weights(plain), unet_weights(ckpt)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_pad_tokens_changes_what_the_unet_sees(tmp_path, photos_zip):
+    short, _ = train_tiny(tmp_path, photos_zip, "short", train_text_encoder=False)
+    padded, _ = train_tiny(tmp_path, photos_zip, "padded", train_text_encoder=False,
+                           pad_tokens=True)
+    assert not torch.equal(unet_weights(short)["conv_in.weight"],
+                           unet_weights(padded)["conv_in.weight"])
+
+
+def test_slicing_a_padded_embedding_equals_padding_less():
+    pipe = build_builtin("tiny")
+    ids, lengths = tokenize(pipe.tokenizer, ["a photo of sks ball", "a photo of a ball on a table"])
+    longest = int(lengths.max())
+    with torch.no_grad():
+        full = pipe.text_encoder(ids)[0]
+        short = pipe.text_encoder(ids[:, :longest])[0]
+    assert ids.shape[1] == 77 and longest < 77
+    torch.testing.assert_close(full[:, :longest], short)
+
+
+def test_v_prediction_target():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    torch.testing.assert_close(noise_target(scheduler, latents, noise, t),
+                               scheduler.get_velocity(latents, noise, t))
+    assert noise_target(DDPMScheduler(), latents, noise, t) is noise
