@@ -67,6 +67,7 @@ def run(config: TrainConfig, log=print) -> Path:
 
 def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped, n_generate,
                       work, timings, phase, log):
+    _quiet_libraries()
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -76,7 +77,6 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
     from .models import load_pipeline
     from .sampling import generate
 
-    _quiet_libraries()
     torch.manual_seed(config.seed)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, cuda)
@@ -258,11 +258,13 @@ def _bitsandbytes_adamw():
 
 
 def _quiet_libraries():
-    """Library progress bars and notices would drown the progress lines in Cog's logs."""
-    import diffusers
+    """Library progress bars and notices would drown the progress lines in Cog's logs.
+    transformers first: importing diffusers makes it warn that torchvision is absent."""
     import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()

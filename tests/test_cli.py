@@ -1,0 +1,133 @@
+"""`python -m train` as a user runs it: a real process, a real ZIP, a tarball reloaded and used."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, image_bytes, make_zip, read_training_json, untar
+
+
+def cli(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "train", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_trains_and_the_output_reloads_and_generates(tmp_path, photos_zip, venv_env):
+    from diffusers import DiffusionPipeline
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(venv_env, TMPDIR=str(scratch))
+    out_tar = tmp_path / "out" / "dog.tar"
+    result = cli(["--model", "tiny", "--instance-data", str(photos_zip),
+                  "--instance-prompt", "a photo of sks ball", "--class-prompt", "a photo of a ball",
+                  "--num-class-images", "2", "--class-infer-steps", "2", "--resolution", "64",
+                  "--max-train-steps", "6", "--train-text-encoder", "false",
+                  "--save-sample-prompt", "a photo of sks ball on the beach", "--n-save-sample",
+                  "3", "--save-infer-steps", "3", "--output", str(out_tar)], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Progress a person can follow: a dataset summary first, then steps with loss and time left.
+    log = result.stdout
+    assert log.index("dataset: 4 instance images") < log.index("model: loading tiny")
+    assert "step 6/6 (100%)  loss " in log and " left 0:00" in log
+    leftovers = [p.name for p in scratch.iterdir() if p.name.startswith("dreambooth")]
+    assert leftovers == [], "temporary work directory not removed"
+    assert sorted(os.listdir(tmp_path / "out")) == ["dog.tar"]
+
+    out = untar(out_tar, tmp_path / "untarred")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_index.json", "samples", "scheduler", "text_encoder", "tokenizer", "training.json",
+        "unet", "vae"]
+    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32
+    image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+    record = read_training_json(out)
+    assert record["config"]["max_train_steps"] == 6
+    assert record["config"]["train_text_encoder"] is False
+    assert record["versions"]["diffusers"] and record["versions"]["torch"]
+    assert len(record["history"]) == 6
+    assert set(record["timings"]) >= {"intake", "load_model", "class_images", "train", "export"}
+    used = record["dataset"]["instance"]["used"]
+    assert [u["file"] for u in used] == [f"photos/IMG_{i:04d}.jpg" for i in range(1, 5)]
+    assert used[0] == {"file": "photos/IMG_0001.jpg", "caption": "a photo of sks ball",
+                       "size": [64, 64]}
+    assert len(record["dataset"]["class"]["used"]) == 2
+    assert record["samples"] == [f"samples/sample-00{i}.png" for i in range(3)]
+    from PIL import Image
+    assert Image.open(out / "samples" / "sample-002.png").size == (64, 64)
+    # fp16 safetensors by default: small outputs that every loader reads.
+    from safetensors import safe_open
+    with safe_open(out / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor("conv_in.weight").dtype == torch.float16
+
+
+@pytest.mark.parametrize("members, message", [
+    ({}, "error: instance_data: the archive is empty"),
+    ({"readme.txt": b"hi"}, "error: instance_data: no usable images among 1 files"),
+    (None, "error: instance_data: photos.zip is not a ZIP archive"),
+])
+def test_bad_archives_fail_fast_with_one_line(tmp_path, venv_env, members, message):
+    archive = tmp_path / "photos.zip"
+    if members is None:
+        archive.write_text("this is not a zip")
+    else:
+        make_zip(archive, members)
+    result = cli(["--model", "tiny", "--instance-data", str(archive), "--instance-prompt",
+                  "a photo of sks dog", "--class-prompt", "a photo of a dog",
+                  "--output", str(tmp_path / "o.tar")], venv_env, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "model: loading" not in result.stdout  # refused before any model loads
+    assert not (tmp_path / "o.tar").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--instance-data", "x.zip", "--output", "o.tar"],
+     "error: the following arguments are required: --instance-prompt"),
+    (["--instance-data", "x.zip", "--output", "o.tar", "--instance-prompt", "p",
+      "--class-prompt", "c", "--learning-rate", "-1"],
+     "error: learning_rate must be at least 0.0 (got -1.0)"),
+    (["--instance-data", "x.zip", "--output", "o.tar", "--instance-prompt", "p",
+      "--with-prior-preservation", "maybe"],
+     "error: argument --with-prior-preservation: expected true or false, got 'maybe'"),
+    (["--instance-data", "missing.zip", "--output", "o.tar", "--instance-prompt", "p",
+      "--class-prompt", "c"], "error: instance_data: missing.zip does not exist"),
+])
+def test_bad_arguments_fail_with_one_line(tmp_path, venv_env, args, message):
+    result = cli(args, venv_env, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_missing_8bit_adam_is_said_clearly(tmp_path, photos_zip, venv_env):
+    # A bitsandbytes that fails to import stands in for one that is not installed.
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named bitsandbytes')\n")
+    env = dict(venv_env, PYTHONPATH=f"{shadow.parent}{os.pathsep}{ROOT}")
+    result = cli(["--model", "tiny", "--instance-data", str(photos_zip), "--instance-prompt", "p",
+                  "--with-prior-preservation", "false", "--use-8bit-adam", "true",
+                  "--output", str(tmp_path / "o.tar")], env, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: use_8bit_adam needs bitsandbytes, which is not "
+                                    "installed: pip install bitsandbytes")
+
+
+def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
+    result = cli(["--model", str(tmp_path / "weights"), "--instance-data", str(photos_zip),
+                  "--instance-prompt", "p", "--with-prior-preservation", "false",
+                  "--output", str(tmp_path / "o.tar")], venv_env, tmp_path)
+    assert result.returncode == 2
+    assert "run script/download-weights" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_image_bytes_fixture_is_a_real_jpeg():
+    assert image_bytes()[:3] == b"\xff\xd8\xff"

@@ -1,0 +1,89 @@
+"""Base models: the built-in ones have the right shape, folders load, the download script works."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, FAST, read_training_json, untar
+from train import TrainConfig, UserError, run
+from train.models import build_builtin, build_tokenizer, load_pipeline
+
+
+def test_random_sd15_is_sd15_sized():
+    pipe = build_builtin("random-sd15", "meta")  # shapes only, no memory
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+
+
+def test_tiny_keeps_sd15_block_layout_and_is_seeded():
+    a, b = build_builtin("tiny"), build_builtin("tiny")
+    assert len(a.unet.down_blocks) == 4 and len(a.unet.up_blocks) == 4
+    assert len(a.vae.encoder.down_blocks) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_tokenizer_handles_any_text():
+    tok = build_tokenizer()
+    assert tok.model_max_length == 77
+    ids = tok("a photo of sks dog").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>",
+                                              "sks</w>", "dog</w>", "<|endoftext|>"]
+    assert tok.decode(tok("Ünïcode, émoji 🐶!").input_ids, skip_special_tokens=True) == \
+        "ünïcode , émoji 🐶!"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    build_builtin("tiny").save_pretrained(folder)
+    return folder
+
+
+def test_a_v_prediction_folder_trains(tmp_path, tiny_folder, photos_zip):
+    import shutil
+
+    model = tmp_path / "v-model"
+    shutil.copytree(tiny_folder, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, prediction_type="v_prediction")))
+    tar = run(TrainConfig(**dict(FAST, model=str(model)), instance_data=str(photos_zip),
+                          instance_prompt="a photo of sks ball", with_prior_preservation=False,
+                          output=str(tmp_path / "v.tar")), log=lambda _: None)
+    out = untar(tar, tmp_path / "v")
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert len(read_training_json(out)["history"]) == FAST["max_train_steps"]
+
+
+def test_folder_that_is_not_sd_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(UserError, match="is a FluxPipeline; only Stable Diffusion"):
+        load_pipeline(str(tmp_path), "cpu")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(UserError, match="not a diffusers folder"):
+        load_pipeline(str(tmp_path / "vae"), "cpu")
+
+
+def test_download_weights_swaps_in_the_vae(tmp_path, tiny_folder, venv_env):
+    other_vae = tmp_path / "other-vae"
+    vae = build_builtin("tiny").vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(0.5)  # a VAE different from the model's own
+    vae.save_pretrained(other_vae)
+    dest = tmp_path / "weights"
+    result = subprocess.run([sys.executable, str(ROOT / "script" / "download-weights"),
+                             "--model", str(tiny_folder), "--vae", str(other_vae),
+                             "--dest", str(dest)], env=dict(venv_env, HF_HUB_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pipe = load_pipeline(str(dest), "cpu")
+    assert torch.all(pipe.vae.decoder.conv_out.bias == 0.5)
+    assert pipe.safety_checker is None
+    saved = load_file(dest / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved["conv_in.weight"].dtype == torch.float32

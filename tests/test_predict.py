@@ -1,0 +1,64 @@
+"""The Cog predictor, called as Cog calls it: setup() once, predict() with every input given."""
+
+import pytest
+import torch
+from cog import Path as CogPath
+from cog._inspector import create_predictor
+
+from conftest import read_training_json, untar
+from predict import Predictor
+
+
+def cog_defaults() -> dict:
+    """Every input's default, as Cog fills them in (predict() called directly gets no defaults)."""
+    return {name: field.default for name, field in create_predictor("predict", "Predictor")
+            .inputs.items()}
+
+
+def test_predict_trains_on_tiny_and_the_tarball_reloads(tmp_path, photos_zip, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setenv("BASE_MODEL", "tiny")
+    predictor = Predictor()
+    predictor.setup()
+    inputs = dict(cog_defaults(), instance_data=CogPath(photos_zip),
+                  instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                  resolution=64, num_class_images=2, class_infer_steps=2, max_train_steps=5,
+                  learning_rate=1e-4, save_sample_prompt="a photo of sks ball",
+                  n_save_sample=2, save_infer_steps=2, sample_batch_size=2)
+    first = predictor.predict(**inputs)
+    assert isinstance(first, CogPath) and first.name == "dreambooth-weights.tar"
+    out = untar(first, tmp_path / "out")
+    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+    record = read_training_json(out)
+    assert record["config"]["model"] == "tiny"
+    assert record["config"]["instance_data"] == str(photos_zip)
+    assert record["config"]["adam_epsilon"] == 1e-8  # Cog defaults reached the config
+    assert len(record["history"]) == 5
+    assert len(list((out / "samples").iterdir())) == 2
+
+    # A second prediction replaces the first output instead of piling up files.
+    second = predictor.predict(**dict(inputs, max_train_steps=2, save_sample_prompt=None))
+    assert second.exists() and sorted(p.name for p in second.parent.iterdir()) == [second.name]
+
+
+def test_predict_refuses_bad_input_before_loading(tmp_path, monkeypatch):
+    from train import UserError
+
+    monkeypatch.setenv("BASE_MODEL", "tiny")
+    predictor = Predictor()
+    predictor.setup()
+    empty = tmp_path / "empty.zip"
+    empty.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # a valid ZIP with no entries
+    with pytest.raises(UserError, match="instance_data: the archive is empty"):
+        predictor.predict(**dict(cog_defaults(), instance_data=CogPath(empty),
+                                 instance_prompt="a photo of sks dog",
+                                 class_prompt="a photo of a dog"))
+
+
+def test_setup_says_how_to_get_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL", str(tmp_path / "weights"))
+    with pytest.raises(RuntimeError, match="run script/download-weights"):
+        Predictor().setup()
