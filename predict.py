@@ -17,7 +17,7 @@ from typing import Optional
 from cog import BasePredictor, Input, Path
 
 import train
-from train.models import BUILTIN
+from train.models import check_model
 from train.config import fields
 
 SETTINGS = {f.name: f for f in fields()}
@@ -35,9 +35,7 @@ class Predictor(BasePredictor):
     def setup(self):
         """Find the base model (local files only) and a folder for outputs."""
         self.model = os.environ.get("BASE_MODEL", SETTINGS["model"].default)
-        if self.model not in BUILTIN and not os.path.isdir(self.model):
-            raise RuntimeError(f"base model {self.model!r} not found: run script/download-weights "
-                               f"before `cog build`, or set BASE_MODEL (e.g. BASE_MODEL=tiny)")
+        check_model(self.model)  # says to run script/download-weights when weights/ is missing
         self.outputs = tempfile.mkdtemp(prefix="dreambooth-out-")
 
     def predict(

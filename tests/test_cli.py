@@ -127,6 +127,7 @@ def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
                   "--output", str(tmp_path / "o.tar")], venv_env, tmp_path)
     assert result.returncode == 2
     assert "run script/download-weights" in result.stderr and result.stderr.count("\n") == 1
+    assert "dataset:" not in result.stdout  # refused before intake reports
 
 
 def test_cli_image_bytes_fixture_is_a_real_jpeg():

@@ -3,6 +3,7 @@
 import pytest
 from cog._inspector import create_predictor
 
+from conftest import ROOT
 from train.cli import build_parser
 from train.config import TrainConfig, UserError, fields
 
@@ -89,3 +90,13 @@ def test_prior_preservation_off_needs_no_class_prompt():
 
 def test_ints_are_accepted_for_floats():
     assert valid(prior_loss_weight=2).prior_loss_weight == 2.0
+
+
+def test_readme_lists_every_input_with_its_default():
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
+            for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")}
+    for f in fields():
+        if f.metadata["cog"] and f.name not in ("instance_data", "instance_prompt"):
+            expected = "none" if f.default is None else str(f.default).lower() \
+                if isinstance(f.default, bool) else str(f.default)
+            assert rows.get(f.name) == expected, f.name

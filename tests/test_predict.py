@@ -60,5 +60,7 @@ def test_predict_refuses_bad_input_before_loading(tmp_path, monkeypatch):
 
 def test_setup_says_how_to_get_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("BASE_MODEL", str(tmp_path / "weights"))
-    with pytest.raises(RuntimeError, match="run script/download-weights"):
+    from train import UserError
+
+    with pytest.raises(UserError, match="run script/download-weights"):
         Predictor().setup()

@@ -95,11 +95,13 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
         if accelerator.sync_gradients:
             step += 1
             total, inst_mse, cls_mse = (sums / micro).tolist()
+            elapsed = time.perf_counter() - start
             history.append({"step": step, "loss": total, "instance_loss": inst_mse,
-                            "class_loss": cls_mse, "grad_norm": float(grad_norm), "lr": lr})
+                            "class_loss": cls_mse, "grad_norm": float(grad_norm), "lr": lr,
+                            "time": round(elapsed, 4)})
             sums, micro = torch.zeros(3), 0
             if step == 1 or step == total_steps or step % log_every == 0:
-                log(progress_line(step, total_steps, total, lr, time.perf_counter() - start))
+                log(progress_line(step, total_steps, total, lr, elapsed))
     return history
 
 

@@ -32,29 +32,36 @@ def load_pipeline(model: str, device: torch.device | str):
     """A StableDiffusionPipeline in fp32 on `device`, safety checker off, from local files only."""
     from diffusers import StableDiffusionPipeline
 
+    check_model(model)
     if model in BUILTIN:
         pipe = build_builtin(model, device)
     else:
-        path = Path(model)
-        if not path.exists():
-            raise UserError(
-                f"model {model!r} not found: run script/download-weights to fetch Stable "
-                f"Diffusion 1.5 into weights/, or pass a diffusers folder or a built-in name "
-                f"({', '.join(BUILTIN)})")
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"model {model!r} is not a diffusers folder (no model_index.json); "
-                            f"single-file checkpoints are not supported yet")
-        kind = json.loads(index.read_text()).get("_class_name")
-        if kind != "StableDiffusionPipeline":
-            raise UserError(f"model {model!r} is a {kind}; only Stable Diffusion 1.x/2.x "
-                            f"(StableDiffusionPipeline) models are supported")
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
+            model, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, local_files_only=True)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_model(model: str) -> None:
+    """Refuse a model that cannot load, in a millisecond and before anything is imported."""
+    if model in BUILTIN:
+        return
+    path = Path(model)
+    if not path.exists():
+        raise UserError(
+            f"model {model!r} not found: run script/download-weights to fetch Stable "
+            f"Diffusion 1.5 into weights/, or pass a diffusers folder or a built-in name "
+            f"({', '.join(BUILTIN)})")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"model {model!r} is not a diffusers folder (no model_index.json); "
+                        f"single-file checkpoints are not supported yet")
+    kind = json.loads(index.read_text()).get("_class_name")
+    if kind != "StableDiffusionPipeline":
+        raise UserError(f"model {model!r} is a {kind}; only Stable Diffusion 1.x/2.x "
+                        f"(StableDiffusionPipeline) models are supported")
 
 
 def build_builtin(name: str, device: torch.device | str = "cpu"):

@@ -1,0 +1,106 @@
+"""CPU benchmark of the training step on the built-in `tiny` model (the figures in BENCHMARKS.md).
+
+    python -m train.bench                 # 4 scenarios, ~1 min on 2 cores; prints a table
+    python -m train.bench --steps 200     # longer runs, steadier medians
+
+Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
+instance and one class image per step, then the same UNet's forward and backward alone on
+tensors of the same shapes. It reports the median step time, the process's peak RSS, and the
+share of a step spent outside the model's forward and backward (data, noise, loss, optimizer,
+clipping, bookkeeping). On a CPU compare the figures as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCENARIOS = [(64, False), (64, True), (128, False), (128, True)]
+
+
+def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
+    """One scenario in this process: step time from a real run, then forward+backward alone."""
+    import tarfile
+
+    import torch
+
+    from .config import TrainConfig
+    from .example_data import write_example_zip
+    from .models import build_builtin
+    from .recipe import run
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = write_example_zip(Path(tmp) / "photos.zip", count=4, size=resolution)
+        tar = run(TrainConfig(
+            model="tiny", instance_data=str(photos), instance_prompt="a photo of sks ball",
+            class_prompt="a photo of a ball", num_class_images=1, class_infer_steps=1,
+            resolution=resolution, max_train_steps=steps, learning_rate=1e-5,
+            train_text_encoder=train_text_encoder, output=str(Path(tmp) / "out.tar")),
+            log=lambda _: None)
+        with tarfile.open(tar) as t:
+            history = json.load(t.extractfile("training.json"))["history"]
+    times = [h["time"] for h in history]
+    warm = steps // 5  # leave out the first steps: allocator and caches warm up
+    step = statistics.median(b - a for a, b in zip(times[warm:], times[warm + 1:]))
+
+    pipe = build_builtin("tiny")
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train(train_text_encoder)
+    text_encoder.requires_grad_(train_text_encoder)
+    side = resolution // 8
+    latents = torch.randn(2, 4, side, side)
+    ids = pipe.tokenizer(["a photo of sks ball", "a photo of a ball"], padding="longest",
+                         return_tensors="pt").input_ids
+    frozen = text_encoder(ids)[0].detach()
+    timesteps = torch.tensor([100, 700])
+    model_times = []
+    for i in range(warm + steps // 2):
+        start = time.perf_counter()
+        states = text_encoder(ids)[0] if train_text_encoder else frozen
+        pred = unet(latents, timesteps, states).sample
+        torch.nn.functional.mse_loss(pred, latents).backward()
+        model_times.append(time.perf_counter() - start)
+        unet.zero_grad(set_to_none=True)
+        text_encoder.zero_grad(set_to_none=True)
+    model = statistics.median(model_times[warm:])
+    return {"resolution": resolution, "train_text_encoder": train_text_encoder,
+            "step_s": round(step, 4), "forward_backward_s": round(model, 4),
+            "outside_share": round(max(0.0, 1 - model / step), 3),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
+    parser.add_argument("--steps", type=int, default=100, help="training steps per scenario")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one", nargs=2, metavar=("RESOLUTION", "TRAIN_TEXT_ENCODER"),
+                        help=argparse.SUPPRESS)  # a single scenario, run in a child process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(int(args.one[0]), args.one[1] == "true", args.steps)))
+        return
+    results = []
+    for resolution, text in SCENARIOS:
+        child = subprocess.run([sys.executable, "-m", "train.bench", "--steps", str(args.steps),
+                                "--one", str(resolution), str(text).lower()],
+                               capture_output=True, text=True, check=True)
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    print("| resolution | text encoder | s/step | fwd+bwd s | outside fwd+bwd | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['resolution']} | {'trained' if r['train_text_encoder'] else 'frozen'} | "
+              f"{r['step_s']:.4f} | {r['forward_backward_s']:.4f} | "
+              f"{100 * r['outside_share']:.0f} % | {r['peak_rss_mib']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
