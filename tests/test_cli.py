@@ -41,8 +41,8 @@ def test_cli_trains_and_the_output_reloads_and_generates(tmp_path, photos_zip, v
     assert sorted(p.name for p in out.iterdir()) == [
         "model_index.json", "samples", "scheduler", "text_encoder", "tokenizer", "training.json",
         "unet", "vae"]
-    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
-    assert pipe.unet.dtype == torch.float32
+    pipe = DiffusionPipeline.from_pretrained(out)  # plain, as a user would: one dtype throughout
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)

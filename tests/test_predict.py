@@ -1,5 +1,7 @@
 """The Cog predictor, called as Cog calls it: setup() once, predict() with every input given."""
 
+import tempfile
+
 import pytest
 import torch
 from cog import Path as CogPath
@@ -7,6 +9,12 @@ from cog._inspector import create_predictor
 
 from conftest import read_training_json, untar
 from predict import Predictor
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+    """The predictor keeps its latest output in a temp folder: keep it inside the test's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def cog_defaults() -> dict:
@@ -29,7 +37,7 @@ def test_predict_trains_on_tiny_and_the_tarball_reloads(tmp_path, photos_zip, mo
     first = predictor.predict(**inputs)
     assert isinstance(first, CogPath) and first.name == "dreambooth-weights.tar"
     out = untar(first, tmp_path / "out")
-    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(out)
     image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images[0]
     assert image.size == (64, 64)
     record = read_training_json(out)

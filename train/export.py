@@ -23,6 +23,12 @@ def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> Non
     """Write the pipeline as safetensors in `dtype` (casts the pipeline in place)."""
     pipe.to(dtype=dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 loads a model in the dtype its config names, diffusers loads in fp32 unless
+    # told otherwise: left as "float16", a plain `from_pretrained` gives an fp16 text encoder
+    # beside an fp32 UNet, and generation fails. fp32 makes it consistent; torch_dtype overrides.
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, dtype="float32"), indent=2) + "\n")
 
 
 def save_images(images, folder: Path, stem: str) -> list[str]:
