@@ -74,6 +74,7 @@ def test_cli_booleans_take_a_value():
     (dict(train_batch_size=1.5), "train_batch_size must be a whole number"),
     (dict(center_crop="yes"), "center_crop must be true or false"),
     (dict(instance_prompt="  "), "instance_prompt is empty"),
+    (dict(instance_data=None), "instance_data is required"),
     (dict(class_prompt=None), "class_prompt is needed with prior preservation"),
     (dict(num_class_images=0), "num_class_images must be at least 1 with prior preservation"),
     (dict(adam_beta1=float("nan")), "adam_beta1 must be a finite number"),

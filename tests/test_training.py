@@ -26,7 +26,7 @@ def train_tiny(tmp_path, photos_zip, name="run", **overrides):
                     work_dir=str(tmp_path / f"{name}-work"))
     config = TrainConfig(**{**settings, **overrides})
     tar = run(config, log=lines.append)
-    assert not (tmp_path / f"{name}-work").exists(), "work directory left behind"
+    assert list((tmp_path / f"{name}-work").iterdir()) == [], "work directory left behind"
     return untar(tar, tmp_path / name), lines
 
 
@@ -230,3 +230,29 @@ def test_v_prediction_target():
     torch.testing.assert_close(noise_target(scheduler, latents, noise, t),
                                scheduler.get_velocity(latents, noise, t))
     assert noise_target(DDPMScheduler(), latents, noise, t) is noise
+
+
+def test_a_failed_run_cleans_up_and_spares_the_users_files(tmp_path, photos_zip):
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "keep.txt").write_text("not the trainer's")
+    broken = tmp_path / "broken-model"
+    broken.mkdir()  # looks like a pipeline folder, but its components are missing
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                             '"unet": ["diffusers", "UNet2DConditionModel"]}')
+    config = TrainConfig(**dict(FAST, model=str(broken)), instance_data=str(photos_zip),
+                         instance_prompt="a photo of sks ball", with_prior_preservation=False,
+                         output=str(tmp_path / "o.tar"), work_dir=str(work))
+    with pytest.raises(Exception):
+        run(config, log=lambda _: None)
+    assert [p.name for p in work.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "o.tar").exists() and not (tmp_path / "o.tar.partial").exists()
+
+
+def test_output_that_is_a_folder_is_refused_before_training(tmp_path, photos_zip):
+    from train import UserError
+
+    config = TrainConfig(**FAST, instance_data=str(photos_zip), instance_prompt="a photo",
+                         with_prior_preservation=False, output=str(tmp_path))
+    with pytest.raises(UserError, match="is a folder: give a file path"):
+        run(config, log=lambda _: None)

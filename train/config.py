@@ -130,13 +130,17 @@ class TrainConfig:
                    "reads BASE_MODEL", cog=False)
     output: str | None = setting(None, "Path of the output tarball (.tar)", cog=False)
     work_dir: str | None = setting(
-        None, "Folder for intermediate files (default: a temporary folder, removed at the end)",
+        None, "Folder in which a temporary work folder is made and removed at the end "
+              "(default: the system's temporary folder)",
         cog=False)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
+        if not self.instance_data:
+            raise UserError("instance_data is required: a ZIP (or folder) of 3-20 photos of the "
+                            "subject")
         if not self.instance_prompt.strip():
             raise UserError("instance_prompt is empty: give a prompt that names the subject, "
                             "e.g. 'a photo of sks dog'")

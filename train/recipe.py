@@ -30,6 +30,9 @@ def run(config: TrainConfig, log=print) -> Path:
     """Train DreamBooth as `config` says; returns the path of the output tarball."""
     if not config.output:
         raise UserError("output is required: the path of the tarball to write, e.g. model.tar")
+    if Path(config.output).is_dir():
+        raise UserError(f"output {config.output} is a folder: give a file path, e.g. "
+                        f"{Path(config.output) / 'model.tar'}")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -40,7 +43,7 @@ def run(config: TrainConfig, log=print) -> Path:
         clock = now
 
     # 1. Intake and every check of user input, before any model loads.
-    instance, inst_skipped = read_images(config.instance_data or "", "instance_data",
+    instance, inst_skipped = read_images(config.instance_data, "instance_data",
                                          config.instance_prompt, config.resolution)
     require_images(instance, inst_skipped, "instance_data")
     classes, cls_skipped = [], []
@@ -58,8 +61,10 @@ def run(config: TrainConfig, log=print) -> Path:
         log(line)
     phase("intake")
 
-    work = Path(config.work_dir or tempfile.mkdtemp(prefix="dreambooth-"))
-    work.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of our own (inside work_dir when given): removing it can lose nothing else.
+    if config.work_dir:
+        Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir))
     try:
         return _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped,
                                  n_generate, work, timings, phase, log)
