@@ -132,3 +132,23 @@ def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
 
 def test_cli_image_bytes_fixture_is_a_real_jpeg():
     assert image_bytes()[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu(tmp_path, photos_zip, venv_env, precision):
+    from diffusers import DiffusionPipeline
+
+    result = cli(["--model", "tiny", "--instance-data", str(photos_zip), "--instance-prompt",
+                  "a photo of sks ball", "--class-prompt", "a photo of a ball",
+                  "--num-class-images", "2", "--class-infer-steps", "2", "--resolution", "64",
+                  "--max-train-steps", "5", "--mixed-precision", precision,
+                  "--gradient-checkpointing", "true", "--output", str(tmp_path / "o.tar")],
+                 venv_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"on cuda ({precision} mixed precision)" in result.stdout
+    out = untar(tmp_path / "o.tar", tmp_path / "o")
+    assert read_training_json(out)["mixed_precision"] == precision
+    pipe = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float16).to("cuda")
+    assert pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images

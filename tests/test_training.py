@@ -256,3 +256,27 @@ def test_output_that_is_a_folder_is_refused_before_training(tmp_path, photos_zip
                          with_prior_preservation=False, output=str(tmp_path))
     with pytest.raises(UserError, match="is a folder: give a file path"):
         run(config, log=lambda _: None)
+
+
+def test_text_encoder_trained_only_when_asked(tmp_path, photos_zip):
+    base = {k: v.half() for k, v in build_builtin("tiny").text_encoder.state_dict().items()}
+
+    def changed(folder):
+        trained = load_file(folder / "text_encoder" / "model.safetensors")
+        return [k for k, v in base.items() if k in trained and not torch.equal(trained[k], v)]
+
+    on, _ = train_tiny(tmp_path, photos_zip, "on", train_text_encoder=True)
+    off, _ = train_tiny(tmp_path, photos_zip, "off", train_text_encoder=False)
+    assert len(changed(on)) > 10
+    assert changed(off) == []
+
+
+@pytest.mark.parametrize("setting, value", [("adam_beta1", 0.5), ("adam_beta2", 0.9),
+                                            ("adam_weight_decay", 0.9), ("adam_epsilon", 1e-2)])
+def test_every_adam_setting_acts(tmp_path, photos_zip, setting, value):
+    common = dict(max_train_steps=3, with_prior_preservation=False, train_text_encoder=False,
+                  learning_rate=1e-3)
+    plain, _ = train_tiny(tmp_path, photos_zip, "plain", **common)
+    changed, _ = train_tiny(tmp_path, photos_zip, "changed", **common, **{setting: value})
+    assert not torch.equal(unet_weights(plain)["conv_in.weight"],
+                           unet_weights(changed)["conv_in.weight"])

@@ -1,7 +1,7 @@
 """CPU benchmark of the training step on the built-in `tiny` model (the figures in BENCHMARKS.md).
 
-    python -m train.bench                 # 4 scenarios, ~1 min on 2 cores; prints a table
-    python -m train.bench --steps 200     # longer runs, steadier medians
+    python -m train.bench                 # 4 scenarios, ~2 min on 2 cores; prints a table
+    python -m train.bench --repeat 3      # each scenario 3 times: medians, and the spread
 
 Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
 instance and one class image per step, then the same UNet's forward and backward alone on
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -79,6 +80,11 @@ def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="training steps per scenario")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per scenario, each in its own process; medians are reported")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per run (default 1: tiny ops gain nothing from a "
+                             "second thread, and one thread leaves the timings far steadier)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("RESOLUTION", "TRAIN_TEXT_ENCODER"),
                         help=argparse.SUPPRESS)  # a single scenario, run in a child process
@@ -88,16 +94,28 @@ def main() -> None:
         return
     results = []
     for resolution, text in SCENARIOS:
-        child = subprocess.run([sys.executable, "-m", "train.bench", "--steps", str(args.steps),
-                                "--one", str(resolution), str(text).lower()],
-                               capture_output=True, text=True, check=True)
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        runs = []
+        for _ in range(args.repeat):
+            child = subprocess.run([sys.executable, "-m", "train.bench", "--steps",
+                                    str(args.steps), "--one", str(resolution), str(text).lower()],
+                                   capture_output=True, text=True, check=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        median = {key: statistics.median(r[key] for r in runs)
+                  for key in ("step_s", "forward_backward_s", "outside_share", "peak_rss_mib")}
+        shares = [r["outside_share"] for r in runs]
+        results.append(dict(runs[0], **median, outside_range=[min(shares), max(shares)],
+                            runs=runs))
+    print(f"median of {args.repeat} runs of {args.steps} steps, {args.threads} thread(s); "
+          f"outside share min-max in ()")
     print("| resolution | text encoder | s/step | fwd+bwd s | outside fwd+bwd | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for r in results:
+        low, high = r["outside_range"]
         print(f"| {r['resolution']} | {'trained' if r['train_text_encoder'] else 'frozen'} | "
               f"{r['step_s']:.4f} | {r['forward_backward_s']:.4f} | "
-              f"{100 * r['outside_share']:.0f} % | {r['peak_rss_mib']} |")
+              f"{100 * r['outside_share']:.0f} % ({100 * low:.0f}-{100 * high:.0f}) | "
+              f"{r['peak_rss_mib']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

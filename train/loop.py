@@ -58,7 +58,7 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
     start = time.perf_counter()
     step = 0
     while step < total_steps:
-        inst, cls = batch_indices_to_tensors(next(batches))
+        inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in next(batches))
         mean = torch.cat([data.inst_mean[inst], data.cls_mean[cls]])
         std = torch.cat([data.inst_std[inst], data.cls_std[cls]])
         prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
@@ -103,11 +103,6 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
             if step == 1 or step == total_steps or step % log_every == 0:
                 log(progress_line(step, total_steps, total, lr, elapsed))
     return history
-
-
-def batch_indices_to_tensors(pair):
-    inst, cls = pair
-    return torch.tensor(inst, dtype=torch.long), torch.tensor(cls, dtype=torch.long)
 
 
 def progress_line(step: int, total: int, loss: float, lr: float, elapsed: float) -> str:
