@@ -78,6 +78,8 @@ def test_cli_booleans_take_a_value():
     (dict(class_prompt=None), "class_prompt is needed with prior preservation"),
     (dict(num_class_images=0), "num_class_images must be at least 1 with prior preservation"),
     (dict(adam_beta1=float("nan")), "adam_beta1 must be a finite number"),
+    (dict(adam_beta2=1.0), "adam_beta2 must be below 1"),
+    (dict(lr_scheduler="polynomial", learning_rate=0.0), "the polynomial schedule decays to"),
 ])
 def test_bad_values_are_refused_with_a_reason(overrides, message):
     with pytest.raises(UserError, match=message):

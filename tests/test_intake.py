@@ -1,5 +1,7 @@
 """Archive intake: the right images found, the rest skipped with a reason, clear errors."""
 
+import io
+
 import pytest
 from PIL import Image
 
@@ -102,3 +104,23 @@ def test_not_a_zip_refused(tmp_path):
 def test_missing_file_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read(tmp_path / "nope.zip")
+
+
+def test_damaged_bomb_and_strip_images_skipped_with_reasons(tmp_path):
+    bomb = io.BytesIO()
+    Image.new("1", (14000, 14000)).save(bomb, format="PNG")  # 196 Mpx: over PIL's bomb limit
+    members = {"a_good.jpg": image_bytes(), "b_damaged.jpg": image_bytes((0, 90, 200)),
+               "c_bomb.png": bomb.getvalue(), "d_strip.png": image_bytes(size=(900, 10),
+                                                                          fmt="PNG")}
+    archive = make_zip(tmp_path / "a.zip", members)
+    data = bytearray(archive.read_bytes())
+    payload = members["b_damaged.jpg"]
+    at = data.index(payload) + len(payload) // 2
+    data[at] ^= 0xFF  # one flipped byte: the entry's CRC no longer matches
+    archive.write_bytes(bytes(data))
+    examples, skipped = read(archive)
+    assert [e.file for e in examples] == ["a_good.jpg"]
+    reasons = {s["file"]: s["reason"] for s in skipped}
+    assert reasons["b_damaged.jpg"].startswith("unreadable (Bad CRC-32")
+    assert reasons["c_bomb.png"] == "too many pixels"
+    assert reasons["d_strip.png"] == "900x10 is too narrow (at most 8:1)"

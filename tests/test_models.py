@@ -65,6 +65,9 @@ def test_folder_that_is_not_sd_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(UserError, match="is a FluxPipeline; only Stable Diffusion"):
         load_pipeline(str(tmp_path), "cpu")
+    (tmp_path / "model_index.json").write_text('{"_class_name": ')
+    with pytest.raises(UserError, match="model_index.json is not valid JSON"):
+        load_pipeline(str(tmp_path), "cpu")
     (tmp_path / "vae").mkdir()
     with pytest.raises(UserError, match="not a diffusers folder"):
         load_pipeline(str(tmp_path / "vae"), "cpu")

@@ -163,18 +163,15 @@ def test_every_lr_scheduler(tmp_path, photos_zip, name):
                         max_train_steps=6, with_prior_preservation=False,
                         train_text_encoder=False, lr_num_cycles=2)
     lrs = [h["lr"] / 1e-4 for h in read_training_json(out)["history"]]
-    if name == "constant":
-        assert lrs == [1.0] * 6
-    else:
-        assert lrs[:2] == [0.0, 0.5]  # linear warm-up over 2 steps
-        assert lrs[2] == pytest.approx(1.0)
+    assert lrs[:2] == [0.0, 0.5]  # linear warm-up over 2 steps, "constant" included
+    assert lrs[2] == pytest.approx(1.0)
     if name in ("linear", "polynomial"):  # polynomial (power 1) decays to 1e-7, not 0
         assert lrs[3:] == pytest.approx([0.75, 0.5, 0.25], abs=1e-2)
     if name == "cosine":
         assert lrs[3:] == pytest.approx([(1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3)])
     if name == "cosine_with_restarts":  # two cycles of 2 steps each after warm-up
         assert lrs[4] == pytest.approx(1.0)
-    if name == "constant_with_warmup":
+    if name in ("constant", "constant_with_warmup"):
         assert lrs[3:] == [1.0] * 3
 
 
@@ -249,13 +246,23 @@ def test_a_failed_run_cleans_up_and_spares_the_users_files(tmp_path, photos_zip)
     assert not (tmp_path / "o.tar").exists() and not (tmp_path / "o.tar.partial").exists()
 
 
-def test_output_that_is_a_folder_is_refused_before_training(tmp_path, photos_zip):
+@pytest.mark.parametrize("where, message", [
+    (dict(output="{tmp}"), "is a folder: give a file path"),
+    (dict(output="{tmp}/a-file/o.tar"), "output: cannot write in"),
+    (dict(work_dir="{tmp}/a-file"), "work_dir: cannot write in"),
+])
+def test_unwritable_places_are_refused_before_training(tmp_path, photos_zip, where, message):
     from train import UserError
 
-    config = TrainConfig(**FAST, instance_data=str(photos_zip), instance_prompt="a photo",
-                         with_prior_preservation=False, output=str(tmp_path))
-    with pytest.raises(UserError, match="is a folder: give a file path"):
-        run(config, log=lambda _: None)
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    places = {k: v.format(tmp=tmp_path) for k, v in where.items()}
+    config = TrainConfig(**{**FAST, "output": str(tmp_path / "o.tar"), **places},
+                         instance_data=str(photos_zip), instance_prompt="a photo",
+                         with_prior_preservation=False)
+    lines = []
+    with pytest.raises(UserError, match=message):
+        run(config, log=lines.append)
+    assert lines == []  # nothing started
 
 
 def test_text_encoder_trained_only_when_asked(tmp_path, photos_zip):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup"]
 MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
+POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
 
 
 class UserError(ValueError):
@@ -89,7 +90,7 @@ class TrainConfig:
         2000, "Optimizer steps to train; overrides num_train_epochs (0 = train for "
               "num_train_epochs)", ge=0, le=1000000)
     gradient_accumulation_steps: int = setting(
-        1, "Batches whose gradients are summed before each optimizer step", ge=1, le=1024)
+        1, "Batches whose gradients are averaged into each optimizer step", ge=1, le=1024)
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in the backward pass: less memory, about 30% slower")
 
@@ -101,7 +102,8 @@ class TrainConfig:
     lr_scheduler: str = setting(
         "constant", "Learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(
-        0, "Steps of linear warm-up at the start of the schedule", ge=0, le=1000000)
+        0, "Steps of linear warm-up at the start of the schedule (with 'constant' too)",
+        ge=0, le=1000000)
     lr_num_cycles: int = setting(
         1, "Hard restarts of the cosine_with_restarts schedule", ge=1, le=1000)
     lr_power: float = setting(1.0, "Power of the polynomial schedule", ge=0.0, le=10.0)
@@ -151,6 +153,13 @@ class TrainConfig:
             if self.num_class_images < 1:
                 raise UserError("num_class_images must be at least 1 with prior preservation, "
                                 "or set with_prior_preservation to false")
+        for name in ("adam_beta1", "adam_beta2"):
+            if getattr(self, name) >= 1:
+                raise UserError(f"{name} must be below 1 (got {getattr(self, name)}); "
+                                f"0.9 and 0.999 are the usual values")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_END_LR:
+            raise UserError(f"the polynomial schedule decays to {POLYNOMIAL_END_LR}: "
+                            f"learning_rate must be above that (got {self.learning_rate})")
         if self.resolution % 8:
             raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
                             f"try {self.resolution // 8 * 8}")

@@ -41,7 +41,7 @@ def save_images(images, folder: Path, stem: str) -> list[str]:
 
 
 def write_json(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def versions() -> dict:

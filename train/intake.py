@@ -15,12 +15,19 @@ from __future__ import annotations
 import io
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UserError
+
+MAX_FILE_BYTES = 256 << 20  # no photo is this large; a larger entry is a bomb or a video
+MAX_ASPECT = 8  # a 1x20000 strip would be scaled to gigapixels at the training resolution
+# What a damaged, encrypted or exotic archive entry or image raises while read and decoded.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
+              NotImplementedError, RuntimeError)
 
 
 @dataclass
@@ -44,22 +51,27 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
         raise UserError(f"{role}: {source} does not exist")
     entries = _folder_entries(path) if path.is_dir() else _zip_entries(path, role)
     examples, skipped = [], []
-    for name, read in entries:
+    for name, nbytes, read in entries:
         reason = _skip_reason(name)
+        if reason is None and nbytes > MAX_FILE_BYTES:
+            reason = f"larger than {MAX_FILE_BYTES >> 20} MiB"
         if reason is None and limit is not None and len(examples) >= limit:
             reason = f"beyond the {limit} images asked for"
+        if reason is None:
+            try:
+                image, size = _load_image(read(), resolution)
+            except UnidentifiedImageError:
+                reason = "not an image"
+            except Image.DecompressionBombError:
+                reason = "too many pixels"
+            except UNREADABLE as e:
+                reason = f"unreadable ({e})"
+        if reason is None and max(size) > MAX_ASPECT * min(size):
+            reason = f"{size[0]}x{size[1]} is too narrow (at most {MAX_ASPECT}:1)"
         if reason:
             skipped.append({"file": name, "reason": reason})
-            continue
-        try:
-            image, size = _load_image(read(), resolution)
-        except UnidentifiedImageError:
-            skipped.append({"file": name, "reason": "not an image"})
-            continue
-        except (OSError, ValueError, SyntaxError) as e:
-            skipped.append({"file": name, "reason": f"unreadable image ({e})"})
-            continue
-        examples.append(Example(name, caption, size, image))
+        else:
+            examples.append(Example(name, caption, size, image))
     return examples, skipped
 
 
@@ -86,12 +98,12 @@ def _zip_entries(path: Path, role: str):
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{role}: {path.name} is a damaged ZIP archive ({e})") from None
     for info in infos:
-        yield info.filename, lambda info=info: archive.read(info)
+        yield info.filename, info.file_size, lambda info=info: archive.read(info)
 
 
 def _folder_entries(path: Path):
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        yield file.relative_to(path).as_posix(), file.read_bytes
+        yield file.relative_to(path).as_posix(), file.stat().st_size, file.read_bytes
 
 
 def _skip_reason(name: str) -> str | None:

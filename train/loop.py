@@ -12,6 +12,7 @@ seeded CPU generator, so on a CPU the same seed gives bit-identical weights.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -96,13 +97,20 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
             step += 1
             total, inst_mse, cls_mse = (sums / micro).tolist()
             elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": total, "instance_loss": inst_mse,
-                            "class_loss": cls_mse, "grad_norm": float(grad_norm), "lr": lr,
+            # A non-finite norm is an fp16 overflow: the scaler skipped that update. JSON has no
+            # NaN or Infinity, so such values are recorded as null.
+            history.append({"step": step, "loss": finite(total),
+                            "instance_loss": finite(inst_mse), "class_loss": finite(cls_mse),
+                            "grad_norm": finite(float(grad_norm)), "lr": lr,
                             "time": round(elapsed, 4)})
             sums, micro = torch.zeros(3), 0
             if step == 1 or step == total_steps or step % log_every == 0:
                 log(progress_line(step, total_steps, total, lr, elapsed))
     return history
+
+
+def finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def progress_line(step: int, total: int, loss: float, lr: float, elapsed: float) -> str:

@@ -58,7 +58,10 @@ def check_model(model: str) -> None:
     if not index.is_file():
         raise UserError(f"model {model!r} is not a diffusers folder (no model_index.json); "
                         f"single-file checkpoints are not supported yet")
-    kind = json.loads(index.read_text()).get("_class_name")
+    try:
+        kind = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"model {model!r}: model_index.json is not valid JSON ({e})") from None
     if kind != "StableDiffusionPipeline":
         raise UserError(f"model {model!r} is a {kind}; only Stable Diffusion 1.x/2.x "
                         f"(StableDiffusionPipeline) models are supported")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -30,9 +31,7 @@ def run(config: TrainConfig, log=print) -> Path:
     """Train DreamBooth as `config` says; returns the path of the output tarball."""
     if not config.output:
         raise UserError("output is required: the path of the tarball to write, e.g. model.tar")
-    if Path(config.output).is_dir():
-        raise UserError(f"output {config.output} is a folder: give a file path, e.g. "
-                        f"{Path(config.output) / 'model.tar'}")
+    check_writable(config.output, config.work_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -117,8 +116,6 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     vae.requires_grad_(False).to(dtype=weight_dtype)
     text_encoder.requires_grad_(config.train_text_encoder)
-    if not config.train_text_encoder:
-        text_encoder.to(dtype=weight_dtype)
     data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
                             config.resolution, config.center_crop,
                             cache_embeddings=not config.train_text_encoder, seed=config.seed)
@@ -138,7 +135,7 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
         optimizer = _bitsandbytes_adamw()(params, **adam)
     else:  # fused: one kernel for all tensors, 4x faster than the per-tensor loop on a CPU
         optimizer = torch.optim.AdamW(params, fused=True, **adam)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+    lr_scheduler = get_scheduler(plan["lr_scheduler"], optimizer,
                                  num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=plan["steps"],
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
@@ -200,6 +197,20 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
     return Path(config.output)
 
 
+def check_writable(output: str, work_dir: str | None) -> None:
+    """Refuse an output or work folder that cannot be written, before hours of training."""
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"output {output} is a folder: give a file path, e.g. "
+                        f"{out / 'model.tar'}")
+    for folder, what in ((out.parent, "output"), (Path(work_dir or tempfile.gettempdir()),
+                                                  "work_dir")):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"{what}: cannot write in {folder} ({existing} is not a writable "
+                            f"folder)")
+
+
 def make_plan(config: TrainConfig, n_instance: int) -> dict:
     """Resolve training length and learning rate. `max_train_steps` wins when it is set;
     0 means train for `num_train_epochs` epochs."""
@@ -215,6 +226,9 @@ def make_plan(config: TrainConfig, n_instance: int) -> dict:
         "instance_images": n_instance,
         "class_images": n_class,
         "learning_rate": config.learning_rate * (scale if config.scale_lr else 1),
+        # diffusers' "constant" ignores warm-up; lr_warmup_steps should do what it says.
+        "lr_scheduler": ("constant_with_warmup" if config.lr_scheduler == "constant"
+                         and config.lr_warmup_steps else config.lr_scheduler),
         "log_every": config.log_every or max(1, math.ceil(steps / 50)),
     }
 
@@ -238,7 +252,7 @@ def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_gene
     lines.append(f"plan: {plan['steps']} steps ({plan['epochs']} epochs of "
                  f"{plan['steps_per_epoch']} steps, set by {by}), batch "
                  f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
-                 f"lr {plan['learning_rate']:.1e} {config.lr_scheduler}, text encoder "
+                 f"lr {plan['learning_rate']:.1e} {plan['lr_scheduler']}, text encoder "
                  f"{'trained' if config.train_text_encoder else 'frozen'}")
     if config.max_train_steps and config.num_train_epochs != 1:
         lines.append(f"warning: num_train_epochs={config.num_train_epochs} is overridden by "
@@ -253,7 +267,8 @@ def resolve_precision(choice: str, cuda: bool) -> str:
     if not cuda:
         return "no"
     if choice == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Not emulated bf16: on pre-Ampere cards (T4, V100) it is far slower than fp16.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return choice
 
 
