@@ -95,11 +95,16 @@ def test_ints_are_accepted_for_floats():
     assert valid(prior_loss_weight=2).prior_loss_weight == 2.0
 
 
-def test_readme_lists_every_input_with_its_default():
-    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
-            for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")}
+def test_readme_lists_every_input_with_its_default_and_doc():
+    rows = {cells[1].strip(" `"): (cells[2].strip(" `"), cells[4].strip())
+            for cells in (line.split("|") for line in (ROOT / "README.md").read_text()
+                          .splitlines() if line.startswith("| `"))
+            if len(cells) == 6}  # rows of the inputs table: | name | default | range | doc |
     for f in fields():
-        if f.metadata["cog"] and f.name not in ("instance_data", "instance_prompt"):
-            expected = "none" if f.default is None else str(f.default).lower() \
-                if isinstance(f.default, bool) else str(f.default)
-            assert rows.get(f.name) == expected, f.name
+        if not f.metadata["cog"]:
+            continue
+        default = ("required" if f.name in ("instance_data", "instance_prompt")
+                   else "none" if f.default is None
+                   else str(f.default).lower() if isinstance(f.default, bool)
+                   else str(f.default))
+        assert rows.get(f.name) == (default, f.metadata["help"]), f.name

@@ -125,7 +125,7 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()  # transformers 5 name
     params = [p for p in unet.parameters()]
     if config.train_text_encoder:
         params += list(text_encoder.parameters())
