@@ -10,6 +10,15 @@ recipe (all of it, top to bottom), cli (the command line).
 """
 
 from .config import TrainConfig, UserError
-from .recipe import run
 
 __all__ = ["TrainConfig", "UserError", "run"]
+
+
+def __getattr__(name):
+    # `run` imports torch (over a second): loaded on first use, so `python -m train --help`
+    # and argument errors answer at once.
+    if name == "run":
+        from .recipe import run
+
+        return run
+    raise AttributeError(f"module 'train' has no attribute {name!r}")
