@@ -79,6 +79,7 @@ class Predictor(BasePredictor):
         lr_power: float = setting("lr_power"),
         mixed_precision: str = setting("mixed_precision"),
         log_every: int = setting("log_every"),
+        alpha_background: str = setting("alpha_background"),
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}

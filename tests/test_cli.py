@@ -70,7 +70,7 @@ def test_cli_trains_and_the_output_reloads_and_generates(tmp_path, photos_zip, v
 @pytest.mark.parametrize("members, message", [
     ({}, "error: instance_data: the archive is empty"),
     ({"readme.txt": b"hi"}, "error: instance_data: no usable images among 1 files"),
-    (None, "error: instance_data: photos.zip is not a ZIP archive"),
+    (None, "error: instance_data: photos.zip is not a ZIP or tar archive, nor an image"),
 ])
 def test_bad_archives_fail_fast_with_one_line(tmp_path, venv_env, members, message):
     archive = tmp_path / "photos.zip"

@@ -1,13 +1,16 @@
 """Archive intake: the right images found, the rest skipped with a reason, clear errors."""
 
 import io
+import tarfile
+import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import image_bytes, make_zip
 from train.config import UserError
-from train.intake import read_images, require_images
+from train.intake import Limits, read_images, require_images
 
 
 def read(path, resolution=64):
@@ -74,7 +77,7 @@ def test_a_folder_works_like_a_zip(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"junk")
     examples, skipped = read(tmp_path)
     assert [e.file for e in examples] == ["sub/a.jpg"]
-    assert skipped == [{"file": ".DS_Store", "reason": "hidden file"}]
+    assert skipped == [{"file": ".DS_Store", "reason": "system file"}]
 
 
 def test_class_data_limit(tmp_path):
@@ -94,10 +97,10 @@ def test_unusable_archives_refused(tmp_path, members, message):
         require_images(examples, skipped, "instance_data")
 
 
-def test_not_a_zip_refused(tmp_path):
+def test_neither_archive_nor_image_refused(tmp_path):
     path = tmp_path / "photos.zip"
-    path.write_bytes(image_bytes())
-    with pytest.raises(UserError, match="photos.zip is not a ZIP archive"):
+    path.write_text("a note, not photos")
+    with pytest.raises(UserError, match="photos.zip is not a ZIP or tar archive, nor an image"):
         read(path)
 
 
@@ -122,5 +125,162 @@ def test_damaged_bomb_and_strip_images_skipped_with_reasons(tmp_path):
     assert [e.file for e in examples] == ["a_good.jpg"]
     reasons = {s["file"]: s["reason"] for s in skipped}
     assert reasons["b_damaged.jpg"].startswith("unreadable (Bad CRC-32")
-    assert reasons["c_bomb.png"] == "too many pixels"
+    assert reasons["c_bomb.png"].startswith("too many pixels")
     assert reasons["d_strip.png"] == "900x10 is too narrow (at most 8:1)"
+
+
+def tar_bytes(members: dict, mode="w") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(payload, tarfile.TarInfo):
+                info = payload
+            else:
+                info.size = len(payload)
+            tar.addfile(info, None if isinstance(payload, tarfile.TarInfo)
+                        else io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_tar_archives_recognised_by_content(tmp_path, mode):
+    path = tmp_path / "upload"  # no extension, as from a presigned URL
+    path.write_bytes(tar_bytes({"dog/a.jpg": image_bytes(), "dog/b.png": image_bytes(fmt="PNG")},
+                               mode))
+    examples, skipped = read(path)
+    assert [e.file for e in examples] == ["dog/a.jpg", "dog/b.png"] and skipped == []
+
+
+def test_a_single_image_is_an_archive_of_one(tmp_path):
+    path = tmp_path / "upload"
+    path.write_bytes(image_bytes(fmt="WEBP"))
+    (example,), _ = read(path)
+    assert example.file == "upload" and example.image.mode == "RGB"
+
+
+def hostile_member(name, kind, target=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def test_hostile_tar_never_writes_or_follows(tmp_path):
+    path = tmp_path / "evil.tar"
+    path.write_bytes(tar_bytes({
+        "../escape.jpg": image_bytes(), "/etc/abs.jpg": image_bytes(),
+        "link.jpg": hostile_member("link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+        "hard.jpg": hostile_member("hard.jpg", tarfile.LNKTYPE, "ok.jpg"),
+        "dev": hostile_member("dev", tarfile.CHRTYPE), "ok.jpg": image_bytes()}))
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    examples, skipped = read(path)
+    assert [e.file for e in examples] == ["ok.jpg"]
+    reasons = {s["file"]: s["reason"] for s in skipped}
+    assert reasons == {"../escape.jpg": "unsafe path", "/etc/abs.jpg": "unsafe path",
+                       "link.jpg": "a link (links are never followed)",
+                       "hard.jpg": "a link (links are never followed)",
+                       "dev": "not a regular file"}
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
+
+
+def test_zip_bomb_refused_before_inflating(tmp_path):
+    import zipfile
+
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.bin", b"\0" * (50 << 20))  # 50 MiB of zeros: ~50 KiB deflated
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"bomb.zip expands \d+ times \(limit 200\)"):
+        read(path)
+    assert time.perf_counter() - start < 1
+    with pytest.raises(UserError, match="would expand to 50 MiB, over the 10 MiB limit"):
+        read_images(path, "instance_data", "c", 64, limits=Limits(max_bytes=10 << 20))
+
+
+def test_too_many_files_refused(tmp_path):
+    archive = make_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(30)})
+    with pytest.raises(UserError, match="holds more than 20 files"):
+        read_images(archive, "instance_data", "c", 64, limits=Limits(max_files=20))
+
+
+def test_encrypted_entries_said_clearly(tmp_path):
+    archive = make_zip(tmp_path / "locked.zip", {"a.jpg": image_bytes()})
+    data = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # set "encrypted"
+        data[data.index(signature) + offset] |= 0x1
+    archive.write_bytes(bytes(data))
+    examples, skipped = read(archive)
+    with pytest.raises(UserError, match="a.jpg: encrypted: send an archive without a password"):
+        require_images(examples, skipped, "instance_data")
+
+
+def test_pixel_limit_checked_from_the_header(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {"big.png": image_bytes(size=(3000, 2000), fmt="PNG")})
+    _, skipped = read_images(archive, "instance_data", "c", 64,
+                             limits=Limits(max_pixels=5_000_000))
+    assert skipped == [{"file": "big.png", "reason": "too many pixels (3000x2000, limit 5 Mpx)"}]
+
+
+def encoded(image, fmt, **kw):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_every_image_format_and_mode(tmp_path):
+    red = Image.new("RGB", (64, 64), (220, 20, 20))
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    gif_frames = [Image.new("RGB", (64, 64), c) for c in ("red", "lime", "blue")]
+    sixteen = Image.fromarray(np.full((64, 64), 65535 // 2, dtype=np.uint16))
+    members = {
+        "a.jpg": encoded(red, "JPEG"), "b.png": encoded(red, "PNG"),
+        "c.webp": encoded(red, "WEBP"), "d.bmp": encoded(red, "BMP"),
+        "e.tiff": encoded(red, "TIFF"), "f.heic": encoded(red, "HEIF"),
+        "g.avif": encoded(red, "AVIF"),
+        "h_cmyk.jpg": encoded(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG"),
+        "i_16bit.png": encoded(sixteen, "PNG"),
+        "j_palette_clear.png": encoded(palette, "PNG", transparency=0),
+        "k_anim.gif": encoded(gif_frames[0], "GIF", save_all=True,
+                              append_images=gif_frames[1:]),
+        "l_gray.jpg": encoded(Image.new("L", (64, 64), 90), "JPEG"),
+    }
+    examples, skipped = read_images(make_zip(tmp_path / "a.zip", members), "instance_data",
+                                    "c", 64, background="#00ff00")
+    assert skipped == []
+    by_name = {e.file: e for e in examples}
+    assert len(by_name) == 12 and all(e.image.mode == "RGB" for e in examples)
+    for name in ("a.jpg", "b.png", "c.webp", "d.bmp", "e.tiff", "f.heic", "g.avif",
+                 "h_cmyk.jpg"):
+        r, g, b = by_name[name].image.getpixel((32, 32))
+        assert r > 180 and g < 80 and b < 80, (name, (r, g, b))
+    assert abs(by_name["i_16bit.png"].image.getpixel((5, 5))[0] - 127) <= 1
+    assert "high bit depth" in by_name["i_16bit.png"].notes[0]
+    assert by_name["j_palette_clear.png"].image.getpixel((5, 5)) == (0, 255, 0)
+    assert by_name["k_anim.gif"].notes == ["first frame of 3"]
+    assert by_name["h_cmyk.jpg"].notes == ["converted from CMYK"]
+    assert by_name["l_gray.jpg"].image.getpixel((5, 5))[0] == by_name["l_gray.jpg"] \
+        .image.getpixel((5, 5))[2]
+
+
+def test_truncated_image_skipped_and_small_one_warned(tmp_path):
+    whole = image_bytes(size=(64, 64))
+    archive = make_zip(tmp_path / "a.zip", {"cut.jpg": whole[: len(whole) // 2],
+                                            "tiny.jpg": image_bytes(size=(20, 20))})
+    examples, skipped = read(archive)
+    assert skipped[0]["file"] == "cut.jpg" and skipped[0]["reason"].startswith("unreadable")
+    assert examples[0].notes == ["small: 20x20 is under half the 64 px training resolution "
+                                 "and will look soft"]
+    assert examples[0].report()["notes"] == examples[0].notes
+
+
+def test_big_jpeg_decoded_at_reduced_scale_keeps_its_reported_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    archive = make_zip(tmp_path / "a.zip",
+                       {"big.jpg": image_bytes(size=(4000, 3000), exif=exif)})
+    (example,), _ = read(archive, resolution=256)
+    assert example.size == (3000, 4000)
+    assert min(example.image.size) == 256 and example.image.size[1] > example.image.size[0]
+    assert example.notes == ["rotated (EXIF orientation 6)"]

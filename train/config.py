@@ -18,6 +18,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from PIL import ImageColor
+
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup"]
 MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
@@ -57,6 +59,9 @@ class TrainConfig:
         1.0, "Weight of the class (prior-preservation) half of the loss", ge=0.0, le=1000.0)
     class_infer_steps: int = setting(
         50, "Sampling steps for each generated class image", ge=1, le=1000)
+
+    alpha_background: str = setting(
+        "white", "Colour transparent areas of images are composited onto (a name or #rrggbb)")
 
     # --- Samples rendered with the trained model --------------------------------------------
     save_sample_prompt: str | None = setting(
@@ -127,6 +132,16 @@ class TrainConfig:
         ge=0, le=1000000)
 
     # --- CLI and Python API only (Cog gets these from its environment) ----------------------
+    max_archive_files: int = setting(
+        10000, "Most files an archive may hold", ge=1, le=10**7, cog=False)
+    max_archive_mib: int = setting(
+        4096, "Most MiB an archive may expand to", ge=1, le=10**7, cog=False)
+    max_compression_ratio: float = setting(
+        200.0, "Most times an archive may expand (more is refused as a bomb)", ge=1.0,
+        le=10**6, cog=False)
+    max_image_megapixels: int = setting(
+        100, "Largest image accepted, in megapixels (read from its header, before decoding)",
+        ge=1, le=10000, cog=False)
     model: str = setting(
         "weights", "Base model: a diffusers folder, or a built-in name (tiny, random-sd15); Cog "
                    "reads BASE_MODEL", cog=False)
@@ -160,6 +175,11 @@ class TrainConfig:
         if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_END_LR:
             raise UserError(f"the polynomial schedule decays to {POLYNOMIAL_END_LR}: "
                             f"learning_rate must be above that (got {self.learning_rate})")
+        try:
+            ImageColor.getrgb(self.alpha_background)
+        except ValueError:
+            raise UserError(f"alpha_background {self.alpha_background!r} is not a colour: give "
+                            f"a name such as white or a hex code such as #808080") from None
         if self.resolution % 8:
             raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
                             f"try {self.resolution // 8 * 8}")

@@ -1,33 +1,60 @@
-"""Archive intake: turn a user's ZIP (or folder) of photos into RGB images and a report.
+"""Archive intake: turn what a user sent into RGB images and a report of what was used and why not.
 
     python -m train.intake photos.zip      # prints what would be trained on and what is skipped
 
-Images are found in nested folders; macOS metadata (`__MACOSX/`, `._x.jpg`), hidden files and
-anything that does not open as an image are skipped with the reason. EXIF orientation is applied,
-transparency is composited onto white, and every image becomes RGB. Two files with the same name
-in different folders are both kept: each is reported by its full path in the archive. Large
-photos are downscaled at intake so that 20 twelve-megapixel photos do not sit in memory.
-Nothing is extracted to disk; no model is loaded. Errors are `UserError`s that say what to fix.
+`instance_data` may be a ZIP, a tar (plain, gzip, bzip2 or xz), a single image, or (CLI) a folder,
+recognised by content, not by name: presigned URLs carry no extension. Nothing is extracted to
+disk: members are read into memory one at a time, so no entry name can write anywhere.
+Symlinks, hard links and device files are never followed; `..` and absolute names, macOS
+metadata (`__MACOSX/`, `._x.jpg`), hidden files, `Thumbs.db` and `desktop.ini` are skipped with
+the reason. Limits on entry count, total size and compression ratio refuse archive bombs before
+anything is decompressed.
+
+What is an image is decided by opening it: JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF and AVIF.
+EXIF orientation is applied; embedded colour profiles converted to sRGB; transparency composited
+onto a background colour; CMYK, 16-bit and grayscale converted; animations give their first
+frame. Pixel bombs are refused from the header, before decoding; big JPEGs are decoded at a
+reduced scale when that still covers the training resolution. Errors are `UserError`s.
 """
 
 from __future__ import annotations
 
 import io
 import sys
+import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageColor, ImageOps, UnidentifiedImageError
 
 from .config import UserError
 
+try:  # HEIC/HEIF, as iPhones take them; optional so that intake never fails to import
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover
+    pass
+
 MAX_FILE_BYTES = 256 << 20  # no photo is this large; a larger entry is a bomb or a video
 MAX_ASPECT = 8  # a 1x20000 strip would be scaled to gigapixels at the training resolution
+JUNK_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
 # What a damaged, encrypted or exotic archive entry or image raises while read and decoded.
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error,
-              NotImplementedError, RuntimeError)
+              NotImplementedError, RuntimeError, tarfile.TarError)
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@dataclass
+class Limits:
+    """What one archive may hold; past these it is refused as a likely bomb."""
+    max_files: int = 10000
+    max_bytes: int = 4 << 30
+    max_ratio: float = 200.0
+    max_pixels: int = 100_000_000
 
 
 @dataclass
@@ -37,41 +64,42 @@ class Example:
     caption: str
     size: tuple[int, int]
     image: Image.Image
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> dict:
-        return {"file": self.file, "caption": self.caption, "size": list(self.size)}
+        record = {"file": self.file, "caption": self.caption, "size": list(self.size)}
+        return dict(record, notes=self.notes) if self.notes else record
 
 
 def read_images(source: str | Path, role: str, caption: str, resolution: int,
-                limit: int | None = None) -> tuple[list[Example], list[dict]]:
-    """Read the images of a ZIP or folder. Returns (examples, skipped); `skipped` holds
-    {"file", "reason"} per file left out. Keeps at most `limit` images (in path order)."""
+                limit: int | None = None, limits: Limits = Limits(),
+                background: str = "white") -> tuple[list[Example], list[dict]]:
+    """Read the images of an archive, image or folder. Returns (examples, skipped); `skipped`
+    holds {"file", "reason"} per file left out. Keeps at most `limit` images (in name order)."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"{role}: {source} does not exist")
-    entries = _folder_entries(path) if path.is_dir() else _zip_entries(path, role)
+    backdrop = ImageColor.getrgb(background)[:3]
     examples, skipped = [], []
-    for name, nbytes, read in entries:
-        reason = _skip_reason(name)
-        if reason is None and nbytes > MAX_FILE_BYTES:
-            reason = f"larger than {MAX_FILE_BYTES >> 20} MiB"
+    for name, reason, read in _entries(path, role, limits):
         if reason is None and limit is not None and len(examples) >= limit:
             reason = f"beyond the {limit} images asked for"
         if reason is None:
             try:
-                image, size = _load_image(read(), resolution)
+                example = _load_image(read(), name, caption, resolution, limits.max_pixels,
+                                      backdrop)
             except UnidentifiedImageError:
                 reason = "not an image"
-            except Image.DecompressionBombError:
-                reason = "too many pixels"
+            except Image.DecompressionBombError as e:
+                reason = f"too many pixels ({e})"
             except UNREADABLE as e:
                 reason = f"unreadable ({e})"
-        if reason is None and max(size) > MAX_ASPECT * min(size):
-            reason = f"{size[0]}x{size[1]} is too narrow (at most {MAX_ASPECT}:1)"
+        if reason is None and max(example.size) > MAX_ASPECT * min(example.size):
+            reason = f"{example.size[0]}x{example.size[1]} is too narrow (at most {MAX_ASPECT}:1)"
         if reason:
             skipped.append({"file": name, "reason": reason})
         else:
-            examples.append(Example(name, caption, size, image))
+            examples.append(example)
     return examples, skipped
 
 
@@ -84,61 +112,171 @@ def require_images(examples: list[Example], skipped: list[dict], role: str) -> N
     found = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:10])
     more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
     raise UserError(f"{role}: no usable images among {len(skipped)} files ({found}{more}); "
-                    f"send JPEG or PNG photos")
+                    f"send JPEG, PNG, WebP or HEIC photos")
 
 
-def _zip_entries(path: Path, role: str):
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{role}: {path.name} is not a ZIP archive; zip your photos "
-                        f"(e.g. `zip photos.zip *.jpg`) and send that")
+# --- Archives ------------------------------------------------------------------------------
+
+def _entries(path: Path, role: str, limits: Limits):
+    """(name, skip reason or None, read) for every file, whatever the container."""
+    if path.is_dir():
+        return _folder_entries(path)
+    if zipfile.is_zipfile(path):
+        return _zip_entries(path, role, limits)
+    if tarfile.is_tarfile(path):
+        return _tar_entries(path, role, limits)
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, *UNREADABLE):
+        raise UserError(f"{role}: {path.name} is not a ZIP or tar archive, nor an image; zip "
+                        f"your photos (e.g. `zip photos.zip *.jpg`) and send that") from None
+    return iter([(path.name, None, path.read_bytes)])
+
+
+def _zip_entries(path: Path, role: str, limits: Limits):
     try:
         archive = zipfile.ZipFile(path)
         infos = sorted((i for i in archive.infolist() if not i.is_dir()),
                        key=lambda i: i.filename)
-    except (zipfile.BadZipFile, OSError) as e:
+    except UNREADABLE as e:
         raise UserError(f"{role}: {path.name} is a damaged ZIP archive ({e})") from None
+    # Sizes come from the central directory: a bomb is refused before anything is inflated,
+    # and reading never returns more than an entry's declared size.
+    _check_limits(role, path, len(infos), sum(i.file_size for i in infos), limits)
     for info in infos:
-        yield info.filename, info.file_size, lambda info=info: archive.read(info)
+        if info.flag_bits & 0x1:
+            yield info.filename, "encrypted: send an archive without a password", None
+        else:
+            yield (info.filename, _name_reason(info.filename, info.file_size),
+                   lambda info=info: archive.read(info))
+
+
+def _tar_entries(path: Path, role: str, limits: Limits):
+    try:
+        archive = tarfile.open(path, "r:*")
+        members = []
+        for member in archive:  # headers only; stop early on a flood of entries
+            if not member.isdir():
+                members.append(member)
+            if len(members) > limits.max_files:
+                break
+    except UNREADABLE as e:
+        raise UserError(f"{role}: {path.name} is a damaged tar archive ({e})") from None
+    _check_limits(role, path, len(members), sum(m.size for m in members if m.isfile()), limits)
+    for member in sorted(members, key=lambda m: m.name):
+        if member.issym() or member.islnk():
+            yield member.name, "a link (links are never followed)", None
+        elif not member.isfile():
+            yield member.name, "not a regular file", None
+        else:
+            yield (member.name, _name_reason(member.name, member.size),
+                   lambda member=member: archive.extractfile(member).read())
 
 
 def _folder_entries(path: Path):
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        yield file.relative_to(path).as_posix(), file.stat().st_size, file.read_bytes
+    for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
+        name = file.relative_to(path).as_posix()
+        if file.is_symlink() or not file.is_file():
+            yield name, "a link or special file (never followed)", None
+        else:
+            yield name, _name_reason(name, file.stat().st_size), file.read_bytes
 
 
-def _skip_reason(name: str) -> str | None:
+def _check_limits(role: str, path: Path, count: int, total: int, limits: Limits) -> None:
+    if count > limits.max_files:
+        raise UserError(f"{role}: {path.name} holds more than {limits.max_files} files; send "
+                        f"only the photos")
+    if total > limits.max_bytes:
+        raise UserError(f"{role}: {path.name} would expand to {total >> 20} MiB, over the "
+                        f"{limits.max_bytes >> 20} MiB limit; send only the photos")
+    ratio = total / max(path.stat().st_size, 1)
+    if ratio > limits.max_ratio:
+        raise UserError(f"{role}: {path.name} expands {ratio:.0f} times (limit "
+                        f"{limits.max_ratio:.0f}): refused as a likely archive bomb")
+
+
+def _name_reason(name: str, nbytes: int) -> str | None:
     parts = PurePosixPath(name).parts
     if name.startswith("/") or ".." in parts:
         return "unsafe path"
     if "__MACOSX" in parts:
         return "macOS metadata"
+    if parts and parts[-1].lower() in JUNK_NAMES:
+        return "system file"
     if any(p.startswith(".") for p in parts):
         return "hidden file"
+    if nbytes > MAX_FILE_BYTES:
+        return f"larger than {MAX_FILE_BYTES >> 20} MiB"
     return None
 
 
-def _load_image(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+# --- Images --------------------------------------------------------------------------------
+
+def _load_image(data: bytes, name: str, caption: str, resolution: int, max_pixels: int,
+                background: tuple[int, int, int]) -> Example:
     image = Image.open(io.BytesIO(data))
-    image.load()
+    width, height = image.size
+    if width * height > max_pixels:  # from the header: nothing decoded yet
+        raise Image.DecompressionBombError(f"{width}x{height}, limit {max_pixels // 10**6} Mpx")
+    notes = []
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append(f"first frame of {image.n_frames}")
+    if image.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 scale when that still covers the training resolution.
+        scale = resolution / min(width, height)
+        if scale < 0.5:
+            image.draft("RGB", (round(width * scale), round(height * scale)))
+    orientation = image.getexif().get(0x0112, 1)
     image = ImageOps.exif_transpose(image)
-    size = image.size
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        # Alpha composited onto white, so transparent areas do not turn black.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    image = image.convert("RGB")
+    if orientation not in (1, None):
+        notes.append(f"rotated (EXIF orientation {orientation})")
+    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    image, note = _to_rgb(image, background)
+    if note:
+        notes.append(note)
     # Keep the shorter side at least `resolution`: training resizes to exactly that later.
     scale = resolution / min(image.size)
     if scale < 1:
-        new = (max(resolution, round(image.width * scale)), max(resolution,
-                                                                round(image.height * scale)))
-        image = image.resize(new, Image.Resampling.LANCZOS)
-    return image, size
+        image = image.resize((max(resolution, round(image.width * scale)),
+                              max(resolution, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    if min(size) < resolution / 2:
+        notes.append(f"small: {size[0]}x{size[1]} is under half the {resolution} px training "
+                     f"resolution and will look soft")
+    return Example(name, caption, size, image, notes)
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]):
+    """RGB pixels in sRGB, and a note of what was converted (or None)."""
+    note = None
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * 255.0 / top, 0, 255).astype(np.uint8))
+        note = f"converted from {mode} (high bit depth)"
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK", "L"):
+        try:  # e.g. Display P3 from phones, or CMYK print profiles: convert to sRGB
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            target_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+            image = ImageCms.profileToProfile(image, source, SRGB, outputMode=target_mode)
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: fall back to the plain conversion below
+    if mode == "CMYK":
+        note = "converted from CMYK"
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, background + (255,))
+        image = Image.alpha_composite(backdrop, rgba)
+        note = f"transparency composited on {'#%02x%02x%02x' % background}"
+    return image.convert("RGB"), note
 
 
 if __name__ == "__main__":
     found, left_out = read_images(sys.argv[1], "instance_data", "<instance_prompt>", 512)
     for ex in found:
-        print(f"use   {ex.file}  {ex.size[0]}x{ex.size[1]}")
+        print(f"use   {ex.file}  {ex.size[0]}x{ex.size[1]}  {'; '.join(ex.notes)}")
     for s in left_out:
         print(f"skip  {s['file']}  ({s['reason']})")

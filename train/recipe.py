@@ -23,7 +23,7 @@ import torch
 from . import data as data_mod
 from .config import TrainConfig, UserError
 from .export import save_images, save_pipeline, versions, write_json, write_tar
-from .intake import read_images, require_images
+from .intake import Limits, read_images, require_images
 from .models import check_model
 
 
@@ -42,14 +42,18 @@ def run(config: TrainConfig, log=print) -> Path:
         clock = now
 
     # 1. Intake and every check of user input, before any model loads.
+    limits = Limits(max_files=config.max_archive_files, max_bytes=config.max_archive_mib << 20,
+                    max_ratio=config.max_compression_ratio,
+                    max_pixels=config.max_image_megapixels * 10**6)
     instance, inst_skipped = read_images(config.instance_data, "instance_data",
-                                         config.instance_prompt, config.resolution)
+                                         config.instance_prompt, config.resolution,
+                                         limits=limits, background=config.alpha_background)
     require_images(instance, inst_skipped, "instance_data")
     classes, cls_skipped = [], []
-    prior = config.with_prior_preservation
-    if prior and config.class_data:
+    if config.with_prior_preservation and config.class_data:
         classes, cls_skipped = read_images(config.class_data, "class_data", config.class_prompt,
-                                           config.resolution, limit=config.num_class_images)
+                                           config.resolution, limit=config.num_class_images,
+                                           limits=limits, background=config.alpha_background)
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
     check_model(config.model)
@@ -237,7 +241,8 @@ def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_gene
     """Lines that tell a person what is about to be trained on, before anything slow starts."""
     lines = [f"dataset: {len(instance)} instance images, {len(inst_skipped)} files skipped"]
     for ex in instance:
-        lines.append(f"  use   {ex.file}  {ex.size[0]}x{ex.size[1]}  \"{ex.caption}\"")
+        notes = "".join(f"  [{note}]" for note in ex.notes)
+        lines.append(f"  use   {ex.file}  {ex.size[0]}x{ex.size[1]}  \"{ex.caption}\"{notes}")
     for s in inst_skipped:
         lines.append(f"  skip  {s['file']}  ({s['reason']})")
     if config.with_prior_preservation:
