@@ -2,6 +2,7 @@
 
     python -m train.bench                 # 4 scenarios, ~2 min on 2 cores; prints a table
     python -m train.bench --repeat 3      # each scenario 3 times: medians, and the spread
+    python -m train.bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
 
 Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
 instance and one class image per step, then the same UNet's forward and backward alone on
@@ -77,6 +78,43 @@ def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def measure_intake(count: int = 50, width: int = 4000, height: int = 3000,
+                   resolution: int = 512) -> dict:
+    """Seconds to take in `count` phone-sized JPEGs from a ZIP, against decoding each in full
+    (what intake would cost without reduced-scale JPEG decoding)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from .intake import read_images
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "photos.zip"
+        gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+        with zipfile.ZipFile(path, "w") as archive:
+            for i in range(count):  # smooth scene plus sensor-like noise: a realistic JPEG size
+                pixels = gradient + rng.normal(0, 12, (height, width, 3)).astype(np.float32)
+                buffer = io.BytesIO()
+                Image.fromarray(np.clip(pixels + i, 0, 255).astype(np.uint8)).save(
+                    buffer, format="JPEG", quality=90)
+                archive.writestr(f"DCIM/IMG_{i:04d}.jpg", buffer.getvalue())
+        start = time.perf_counter()
+        examples, _ = read_images(path, "instance_data", "a photo", resolution)
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                image = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
+                image.resize((resolution * width // height, resolution), Image.Resampling.LANCZOS)
+        full = time.perf_counter() - start
+        return {"images": len(examples), "megapixels": width * height / 1e6,
+                "zip_mib": round(path.stat().st_size / 2**20), "intake_s": round(ours, 2),
+                "full_decode_s": round(full, 2), "images_per_s": round(len(examples) / ours, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="training steps per scenario")
@@ -88,7 +126,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("RESOLUTION", "TRAIN_TEXT_ENCODER"),
                         help=argparse.SUPPRESS)  # a single scenario, run in a child process
+    parser.add_argument("--intake", action="store_true",
+                        help="measure intake of 50 twelve-megapixel JPEGs instead")
     args = parser.parse_args()
+    if args.intake:
+        print(json.dumps(measure_intake()))
+        return
     if args.one:
         print(json.dumps(measure(int(args.one[0]), args.one[1] == "true", args.steps)))
         return
