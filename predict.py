@@ -80,6 +80,7 @@ class Predictor(BasePredictor):
         mixed_precision: str = setting("mixed_precision"),
         log_every: int = setting("log_every"),
         alpha_background: str = setting("alpha_background"),
+        flip_p: float = setting("flip_p"),
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}

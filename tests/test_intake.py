@@ -284,3 +284,30 @@ def test_big_jpeg_decoded_at_reduced_scale_keeps_its_reported_size(tmp_path):
     assert example.size == (3000, 4000)
     assert min(example.image.size) == 256 and example.image.size[1] > example.image.size[0]
     assert example.notes == ["rotated (EXIF orientation 6)"]
+
+
+def test_captions_from_sidecars_and_file_names(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {
+        "plain.jpg": image_bytes(),
+        "beach.jpg": image_bytes(), "beach.txt": "  S   on the beach\n".encode(),
+        "hat/img-1@a photo of S C wearing a hat.jpg": image_bytes(),
+        "snow.png": image_bytes(fmt="PNG"), "snow.caption": b"a photo of S in the snow",
+        "notes.txt": b"not beside any image",
+    })
+    examples, skipped = read_images(archive, "instance_data", "a photo of sks dog", 64,
+                                    words=("sks", "dog"))
+    captions = {e.file: e.caption for e in examples}
+    assert captions == {"beach.jpg": "sks on the beach",
+                        "hat/img-1@a photo of S C wearing a hat.jpg":
+                            "a photo of sks dog wearing a hat",
+                        "plain.jpg": "a photo of sks dog",
+                        "snow.png": "a photo of sks in the snow"}
+    assert skipped == [{"file": "notes.txt", "reason": "not an image"}]  # sidecars not listed
+
+
+def test_prompt_words():
+    from train.intake import prompt_words
+
+    assert prompt_words("a photo of sks dog", "a photo of a dog") == ("sks", "dog")
+    assert prompt_words("zwx man, portrait", "a photo of a man") == ("zwx", "man")
+    assert prompt_words("a photo of zwx man", None) == ("zwx", "man")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FAST, image_bytes, make_zip, read_training_json, untar
@@ -71,7 +72,7 @@ def test_the_loop_learns_the_instance_images(tmp_path, photos_zip):
                         with_prior_preservation=False, train_text_encoder=False)
     base = build_builtin("tiny")
     images, _ = read_images(photos_zip, "instance_data", "", 64)
-    latents = encode_images(base.vae, images, 64, True, seed=0)[0]
+    latents = encode_images(base.vae, images, 64, True, seed=0)[0][:, 0]
     prompt = "a photo of sks ball"
     before = denoising_loss(base.unet, base.text_encoder, base.tokenizer, latents, prompt)
     trained = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
@@ -287,3 +288,34 @@ def test_every_adam_setting_acts(tmp_path, photos_zip, setting, value):
     changed, _ = train_tiny(tmp_path, photos_zip, "changed", **common, **{setting: value})
     assert not torch.equal(unet_weights(plain)["conv_in.weight"],
                            unet_weights(changed)["conv_in.weight"])
+
+
+def test_flipped_views_are_cached_and_used(tmp_path, photos_zip, base_unet):
+    from train.intake import read_images
+
+    vae = build_builtin("tiny").vae
+    images, _ = read_images(photos_zip, "instance_data", "", 64)
+    mean, std = encode_images(vae, images, 64, True, seed=0, flip=True)
+    assert mean.shape[:2] == (4, 2) and std.shape == mean.shape
+    mirrored = [type(images[0])(e.file, e.caption, e.size, e.image.transpose(
+        Image.Transpose.FLIP_LEFT_RIGHT)) for e in images]
+    expected = encode_images(vae, mirrored, 64, True, seed=0)[0][:, 0]
+    torch.testing.assert_close(mean[:, 1], expected, atol=1e-4, rtol=1e-4)
+
+    never, _ = train_tiny(tmp_path, photos_zip, "never", flip_p=0.0)
+    always, _ = train_tiny(tmp_path, photos_zip, "always", flip_p=1.0)
+    assert not torch.equal(unet_weights(never)["conv_in.weight"],
+                           unet_weights(always)["conv_in.weight"])
+
+
+def test_archive_captions_reach_training_and_prompts_are_checked(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {
+        "a.jpg": image_bytes(), "b@S C on the beach.jpg": image_bytes((0, 0, 200)),
+        "c.jpg": image_bytes((0, 200, 0)), "c.txt": b"a painting of S"})
+    out, lines = train_tiny(tmp_path, archive, instance_prompt="a photo of sks",
+                            class_prompt="a photo of a ball")
+    used = {u["file"]: u["caption"] for u in read_training_json(out)["dataset"]["instance"]["used"]}
+    assert used == {"a.jpg": "a photo of sks", "b@S C on the beach.jpg": "sks ball on the beach",
+                    "c.jpg": "a painting of sks"}
+    assert any(line.startswith('warning: instance_prompt "a photo of sks" does not name the '
+                               'class "ball"') for line in lines)

@@ -80,6 +80,9 @@ class TrainConfig:
     center_crop: bool = setting(
         False, "Crop the centre of each image; otherwise a random square crop, fixed per image "
                "by the seed")
+    flip_p: float = setting(
+        0.0, "Probability of training on an image mirrored left-right (0 for faces and text, "
+             "which are not symmetric)", ge=0.0, le=1.0)
     pad_tokens: bool = setting(
         False, "Pad every prompt to the tokenizer's full length (77) instead of to the longest "
                "prompt in the batch")

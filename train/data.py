@@ -24,10 +24,10 @@ from .intake import Example
 @dataclass
 class TrainingData:
     """Cached tensors for instance ("inst") and class ("cls") examples, and the prompt table."""
-    inst_mean: torch.Tensor      # [n_inst, 4, h, w] latent distribution, scaled
+    inst_mean: torch.Tensor      # [n_inst, views, 4, h, w] latent distribution, scaled
     inst_std: torch.Tensor
     inst_prompt: torch.Tensor    # [n_inst] index into the prompt table
-    cls_mean: torch.Tensor       # [n_cls, 4, h, w] (n_cls = 0 without prior preservation)
+    cls_mean: torch.Tensor       # [n_cls, views, 4, h, w] (n_cls = 0 without prior preservation)
     cls_std: torch.Tensor
     cls_prompt: torch.Tensor
     prompt_ids: torch.Tensor     # [n_prompts, 77] token ids, padded to full length
@@ -55,22 +55,30 @@ def image_tensor(image: Image.Image, resolution: int, center_crop: bool,
 
 @torch.no_grad()
 def encode_images(vae, examples: list[Example], resolution: int, center_crop: bool, seed: int,
-                  batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                  flip: bool = False, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's latent mean and std (times the VAE's scaling factor), float32, on the VAE's
-    device. Random crops are drawn once per image from `seed`."""
+    device, shaped [n, views, 4, h, w]: view 0 as cropped, view 1 mirrored when `flip`. Random
+    crops are drawn once per image from `seed`."""
     rng = random.Random(seed)
     pixels = [image_tensor(ex.image, resolution, center_crop, rng) for ex in examples]
+    if flip:  # both views cached, so augmentation survives latent caching
+        pixels += [p.flip(-1) for p in pixels]
     means, stds = [], []
     for i in range(0, len(pixels), batch_size):
         batch = torch.stack(pixels[i:i + batch_size]).to(vae.device, vae.dtype)
         dist = vae.encode(batch).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
-    factor = vae.config.scaling_factor
+    views, side = 2 if flip else 1, resolution // 8
     if not means:
-        shape = (0, vae.config.latent_channels, resolution // 8, resolution // 8)
+        shape = (0, views, vae.config.latent_channels, side, side)
         return torch.zeros(shape, device=vae.device), torch.zeros(shape, device=vae.device)
-    return torch.cat(means) * factor, torch.cat(stds) * factor
+    factor = vae.config.scaling_factor
+
+    def by_view(parts):  # [views * n, ...] -> [n, views, ...]
+        return (torch.cat(parts) * factor).unflatten(0, (views, len(examples))).transpose(0, 1)
+
+    return by_view(means), by_view(stds)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +91,8 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list[Example],
-            resolution: int, center_crop: bool, cache_embeddings: bool,
-            seed: int) -> TrainingData:
+            resolution: int, center_crop: bool, cache_embeddings: bool, seed: int,
+            flip: bool = False) -> TrainingData:
     """Encode every image once and tokenize every distinct caption once."""
     device = vae.device
     prompts = sorted({ex.caption for ex in instance + classes})
@@ -94,8 +102,8 @@ def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list
     if cache_embeddings:
         with torch.no_grad():
             emb = text_encoder(ids.to(text_encoder.device))[0].float()
-    inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed)
-    cls_mean, cls_std = encode_images(vae, classes, resolution, center_crop, seed + 1)
+    inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed, flip)
+    cls_mean, cls_std = encode_images(vae, classes, resolution, center_crop, seed + 1, flip)
 
     def prompt_index(examples):
         return torch.tensor([index[ex.caption] for ex in examples], dtype=torch.long)

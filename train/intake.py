@@ -20,6 +20,7 @@ reduced scale when that still covers the training resolution. Errors are `UserEr
 from __future__ import annotations
 
 import io
+import re
 import sys
 import tarfile
 import zipfile
@@ -72,16 +73,25 @@ class Example:
 
 
 def read_images(source: str | Path, role: str, caption: str, resolution: int,
-                limit: int | None = None, limits: Limits = Limits(),
-                background: str = "white") -> tuple[list[Example], list[dict]]:
+                limit: int | None = None, limits: Limits = Limits(), background: str = "white",
+                words: tuple[str, str] | None = None) -> tuple[list[Example], list[dict]]:
     """Read the images of an archive, image or folder. Returns (examples, skipped); `skipped`
-    holds {"file", "reason"} per file left out. Keeps at most `limit` images (in name order)."""
+    holds {"file", "reason"} per file left out. Keeps at most `limit` images (in name order).
+
+    Each image's caption is `caption` unless the archive gives it one: a sidecar `name.txt` or
+    `name.caption` beside it, or text after `@` in its file name (`img-1@a photo of S.jpg`).
+    With `words` = (identifier, class noun), a whole-word S or C in those captions stands for
+    them."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"{role}: {source} does not exist")
     backdrop = ImageColor.getrgb(background)[:3]
+    entries = list(_entries(path, role, limits))
+    sidecars = _sidecars(entries)
     examples, skipped = [], []
-    for name, reason, read in _entries(path, role, limits):
+    for name, reason, read in entries:
+        if name in sidecars.values():
+            continue  # a caption file, reported with its image
         if reason is None and limit is not None and len(examples) >= limit:
             reason = f"beyond the {limit} images asked for"
         if reason is None:
@@ -98,9 +108,63 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
             reason = f"{example.size[0]}x{example.size[1]} is too narrow (at most {MAX_ASPECT}:1)"
         if reason:
             skipped.append({"file": name, "reason": reason})
-        else:
-            examples.append(example)
+            continue
+        own = _caption_of(name, sidecars, entries)
+        if own:
+            example.caption = _substitute(own, words)
+        examples.append(example)
     return examples, skipped
+
+
+def prompt_words(instance_prompt: str, class_prompt: str | None) -> tuple[str, str]:
+    """(identifier, class noun) from the prompts: the class noun is the class prompt's last
+    word, the identifier the word before it in the instance prompt ("a photo of sks dog",
+    "a photo of a dog" -> ("sks", "dog")); without a class prompt, the instance prompt's last
+    two words."""
+    words = re.findall(r"[\w'-]+", instance_prompt)
+    noun = (re.findall(r"[\w'-]+", class_prompt or "") or words or [""])[-1]
+    lowered = [w.lower() for w in words]
+    if noun.lower() in lowered[1:]:
+        return words[lowered.index(noun.lower(), 1) - 1], noun
+    return (words[-1] if words else "", noun)
+
+
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def _sidecars(entries) -> dict[str, str]:
+    """Image entry name -> its caption file's name, for `x.jpg` beside `x.txt`/`x.caption`."""
+    names = {name for name, reason, _ in entries if reason is None}
+    found = {}
+    for name in sorted(names):
+        stem = PurePosixPath(name)
+        if stem.suffix.lower() in CAPTION_SUFFIXES:
+            continue
+        for suffix in CAPTION_SUFFIXES:
+            candidate = str(stem.with_suffix(suffix))
+            if candidate in names:
+                found[name] = candidate
+                break
+    return found
+
+
+def _caption_of(name: str, sidecars: dict[str, str], entries) -> str | None:
+    if name in sidecars:
+        read = next(r for n, _, r in entries if n == sidecars[name])
+        text = read()[:64 << 10].decode("utf-8", errors="replace")
+        return " ".join(text.split()) or None
+    stem = PurePosixPath(name).stem
+    if "@" in stem:
+        return " ".join(stem.split("@", 1)[1].split()) or None
+    return None
+
+
+def _substitute(caption: str, words: tuple[str, str] | None) -> str:
+    if not words:
+        return caption
+    identifier, noun = words
+    caption = re.sub(r"\bS\b", identifier, caption)
+    return re.sub(r"\bC\b", noun, caption)
 
 
 def require_images(examples: list[Example], skipped: list[dict], role: str) -> None:

@@ -44,7 +44,7 @@ def noise_target(scheduler, latents, noise, timesteps):
 def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
           data: TrainingData, params, total_steps: int, batch_size: int,
           prior_loss_weight: float, pad_tokens: bool, max_grad_norm: float, seed: int,
-          log_every: int, log=print) -> list[dict]:
+          log_every: int, flip_p: float = 0.0, log=print) -> list[dict]:
     """Run `total_steps` optimizer steps; returns the loss history (one entry per step)."""
     device = accelerator.device
     generator = torch.Generator().manual_seed(seed)
@@ -60,8 +60,14 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
     step = 0
     while step < total_steps:
         inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in next(batches))
-        mean = torch.cat([data.inst_mean[inst], data.cls_mean[cls]])
-        std = torch.cat([data.inst_std[inst], data.cls_std[cls]])
+        # View 1 is the mirrored image, drawn with probability flip_p (only if it was cached).
+        if flip_p > 0:
+            views = (torch.rand(len(inst) + len(cls), generator=generator) < flip_p).long()
+        else:
+            views = torch.zeros(len(inst) + len(cls), dtype=torch.long)
+        vi, vc = views[:len(inst)], views[len(inst):]
+        mean = torch.cat([data.inst_mean[inst, vi], data.cls_mean[cls, vc]])
+        std = torch.cat([data.inst_std[inst, vi], data.cls_std[cls, vc]])
         prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
         # Noise is drawn on the CPU from the seeded generator: the same on every device.
         sample_noise = torch.randn(mean.shape, generator=generator).to(device)

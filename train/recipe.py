@@ -23,7 +23,7 @@ import torch
 from . import data as data_mod
 from .config import TrainConfig, UserError
 from .export import save_images, save_pipeline, versions, write_json, write_tar
-from .intake import Limits, read_images, require_images
+from .intake import Limits, prompt_words, read_images, require_images
 from .models import check_model
 
 
@@ -45,15 +45,18 @@ def run(config: TrainConfig, log=print) -> Path:
     limits = Limits(max_files=config.max_archive_files, max_bytes=config.max_archive_mib << 20,
                     max_ratio=config.max_compression_ratio,
                     max_pixels=config.max_image_megapixels * 10**6)
+    words = prompt_words(config.instance_prompt, config.class_prompt)
     instance, inst_skipped = read_images(config.instance_data, "instance_data",
                                          config.instance_prompt, config.resolution,
-                                         limits=limits, background=config.alpha_background)
+                                         limits=limits, background=config.alpha_background,
+                                         words=words)
     require_images(instance, inst_skipped, "instance_data")
     classes, cls_skipped = [], []
     if config.with_prior_preservation and config.class_data:
         classes, cls_skipped = read_images(config.class_data, "class_data", config.class_prompt,
                                            config.resolution, limit=config.num_class_images,
-                                           limits=limits, background=config.alpha_background)
+                                           limits=limits, background=config.alpha_background,
+                                           words=words)
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
     check_model(config.model)
@@ -122,7 +125,8 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
     text_encoder.requires_grad_(config.train_text_encoder)
     data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
                             config.resolution, config.center_crop,
-                            cache_embeddings=not config.train_text_encoder, seed=config.seed)
+                            cache_embeddings=not config.train_text_encoder, seed=config.seed,
+                            flip=config.flip_p > 0)
     phase("cache")
 
     # 4. Train.
@@ -155,7 +159,8 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
                     total_steps=plan["steps"], batch_size=config.train_batch_size,
                     prior_loss_weight=config.prior_loss_weight if plan["class_images"] else 0.0,
                     pad_tokens=config.pad_tokens, max_grad_norm=config.max_grad_norm,
-                    seed=config.seed, log_every=plan["log_every"], log=log)
+                    seed=config.seed, log_every=plan["log_every"], flip_p=config.flip_p,
+                    log=log)
     pipe.unet = accelerator.unwrap_model(unet).eval()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
     del optimizer, lr_scheduler, data
@@ -259,6 +264,11 @@ def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_gene
                  f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
                  f"lr {plan['learning_rate']:.1e} {plan['lr_scheduler']}, text encoder "
                  f"{'trained' if config.train_text_encoder else 'frozen'}")
+    noun = prompt_words(config.instance_prompt, config.class_prompt)[1]
+    if config.class_prompt and noun.lower() not in config.instance_prompt.lower().split():
+        lines.append(f"warning: instance_prompt \"{config.instance_prompt}\" does not name the "
+                     f"class \"{noun}\"; a prompt such as \"a photo of sks {noun}\" ties the "
+                     f"identifier to the class, and usually learns faster and drifts less")
     if config.max_train_steps and config.num_train_epochs != 1:
         lines.append(f"warning: num_train_epochs={config.num_train_epochs} is overridden by "
                      f"max_train_steps={config.max_train_steps}; set max_train_steps to 0 to "
