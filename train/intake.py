@@ -141,7 +141,7 @@ def _sidecars(entries) -> dict[str, str]:
         if stem.suffix.lower() in CAPTION_SUFFIXES:
             continue
         for suffix in CAPTION_SUFFIXES:
-            candidate = str(stem.with_suffix(suffix))
+            candidate = str(stem.parent / (stem.stem + suffix))
             if candidate in names:
                 found[name] = candidate
                 break
@@ -262,7 +262,7 @@ def _check_limits(role: str, path: Path, count: int, total: int, limits: Limits)
 
 def _name_reason(name: str, nbytes: int) -> str | None:
     parts = PurePosixPath(name).parts
-    if name.startswith("/") or ".." in parts:
+    if not parts or name.startswith("/") or ".." in parts:
         return "unsafe path"
     if "__MACOSX" in parts:
         return "macOS metadata"
