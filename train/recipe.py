@@ -97,8 +97,8 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    log(f"model: loading {config.model} on {device} ({precision} mixed precision)"
-        if precision != "no" else f"model: loading {config.model} on {device} (fp32)")
+    mode = "fp32" if precision == "no" else f"{precision} mixed precision"
+    log(f"model: loading {config.model} on {device} ({mode})")
     pipe = load_pipeline(config.model, device)
     phase("load_model")
 
@@ -134,7 +134,7 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             text_encoder.activation_checkpointing_enable()  # transformers 5 name
-    params = [p for p in unet.parameters()]
+    params = list(unet.parameters())
     if config.train_text_encoder:
         params += list(text_encoder.parameters())
     adam = dict(lr=plan["learning_rate"], betas=(config.adam_beta1, config.adam_beta2),
