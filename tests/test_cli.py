@@ -56,7 +56,7 @@ def test_cli_trains_and_the_output_reloads_and_generates(tmp_path, photos_zip, v
     used = record["dataset"]["instance"]["used"]
     assert [u["file"] for u in used] == [f"photos/IMG_{i:04d}.jpg" for i in range(1, 5)]
     assert used[0] == {"file": "photos/IMG_0001.jpg", "caption": "a photo of sks ball",
-                       "size": [64, 64]}
+                       "size": [64, 64], "concept": 0}
     assert len(record["dataset"]["class"]["used"]) == 2
     assert record["samples"] == [f"samples/sample-00{i}.png" for i in range(3)]
     from PIL import Image

@@ -5,7 +5,8 @@ import random
 import torch
 from PIL import Image
 
-from train.data import batch_indices, image_tensor
+from train.data import batch_indices, epoch_pairs, image_tensor
+from train.intake import Example
 from train.models import build_builtin
 from train.sampling import generate
 
@@ -31,8 +32,13 @@ def test_random_crops_vary_and_stay_inside():
     assert small.shape == (3, 64, 64) and small.min() == 1.0  # upscaled, never padded
 
 
+def examples(*concepts):
+    return [Example(f"{i}.jpg", "c", (8, 8), None, concept=k) for i, k in enumerate(concepts)]
+
+
 def test_batches_cover_every_pair_each_epoch():
-    batches = batch_indices(3, 5, 2, torch.Generator().manual_seed(0))
+    pairs = epoch_pairs(examples(0, 0, 0), examples(0, 0, 0, 0, 0))
+    batches = batch_indices(pairs, 2, torch.Generator().manual_seed(0))
     inst, cls = [], []
     for _ in range(3):  # one epoch: ceil(5 / 2) batches
         i, c = next(batches)
@@ -40,6 +46,14 @@ def test_batches_cover_every_pair_each_epoch():
         cls += c
     assert sorted(cls) == [0, 1, 2, 3, 4]  # every class image once
     assert sorted(set(inst)) == [0, 1, 2] and len(inst) == 5  # instances repeat to match
+
+
+def test_pairs_stay_within_a_concept():
+    instance, classes = examples(0, 0, 1), examples(1, 0, 1, 1)
+    pairs = epoch_pairs(instance, classes)
+    assert all(instance[i].concept == classes[c].concept for i, c in pairs)
+    assert len(pairs) == 2 + 3  # concept 0: max(2, 1); concept 1: max(1, 3)
+    assert epoch_pairs(instance, []) == [(0, None), (1, None), (2, None)]
 
 
 def test_generation_settings_act():

@@ -319,3 +319,55 @@ def test_archive_captions_reach_training_and_prompts_are_checked(tmp_path):
                     "c.jpg": "a painting of sks"}
     assert any(line.startswith('warning: instance_prompt "a photo of sks" does not name the '
                                'class "ball"') for line in lines)
+
+
+def test_two_concepts_in_one_archive(tmp_path):
+    import json
+
+    archive = make_zip(tmp_path / "both.zip", {
+        "dog/1.jpg": image_bytes((200, 0, 0)), "dog/2.jpg": image_bytes((190, 0, 0)),
+        "cat/1.jpg": image_bytes((0, 0, 200)), "stray.jpg": image_bytes()})
+    class_zip = make_zip(tmp_path / "classes.zip", {"cats/a.jpg": image_bytes((0, 0, 90))})
+    concepts = json.dumps([
+        {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog",
+         "instance_data": "dog", "num_class_images": 2},
+        {"instance_prompt": "a photo of zwx cat", "class_prompt": "a photo of a cat",
+         "instance_data": "./cat/", "class_data": "cats", "num_class_images": 2}])
+    out, lines = train_tiny(tmp_path, archive, concepts=concepts, class_data=str(class_zip),
+                            max_train_steps=0, num_train_epochs=1)
+    record = read_training_json(out)
+    used = {(u["file"], u["caption"], u["concept"]) for u in record["dataset"]["instance"]["used"]}
+    assert used == {("dog/1.jpg", "a photo of sks dog", 0), ("dog/2.jpg", "a photo of sks dog", 0),
+                    ("cat/1.jpg", "a photo of zwx cat", 1)}
+    classes = {(c["file"], c["caption"], c["concept"]) for c in record["dataset"]["class"]["used"]}
+    assert classes == {("generated/0/0000.png", "a photo of a dog", 0),
+                       ("generated/0/0001.png", "a photo of a dog", 0),
+                       ("cats/a.jpg", "a photo of a cat", 1),
+                       ("generated/1/0000.png", "a photo of a cat", 1)}
+    assert len(record["history"]) == 4  # one epoch: max(2, 2) + max(1, 2) pairs, batch 1
+    assert all(h["class_loss"] > 0 for h in record["history"])
+    assert 'class images: 2 "a photo of a cat" (1 from class_data, 1 to generate)' in lines
+
+
+@pytest.mark.parametrize("concepts, message", [
+    ("[{", "concepts is not valid JSON"),
+    ('{"instance_data": "dog"}', "concepts must be a JSON list of objects"),
+    ('[{"instance_data": "dog", "prompt": "x"}]', "concept 1: unknown key 'prompt'"),
+    ('[{"instance_prompt": "a photo of sks dog"}]', "concept 1: instance_data must name a folder"),
+    ('[{"instance_data": "dog", "class_data": "dogs"}]', "but no class_data archive was given"),
+    ('[{"instance_data": "dog", "num_class_images": -1}]', "num_class_images must be a whole"),
+])
+def test_bad_concepts_are_explained(concepts, message):
+    from train import UserError
+
+    with pytest.raises(UserError, match=message):
+        TrainConfig(instance_data="x.zip", instance_prompt="a photo of sks dog",
+                    class_prompt="a photo of a dog", concepts=concepts)
+
+
+def test_a_concept_folder_without_images_is_named(tmp_path):
+    from train import UserError
+
+    archive = make_zip(tmp_path / "a.zip", {"dog/1.jpg": image_bytes()})
+    with pytest.raises(UserError, match="instance_data folder 'cat': the archive is empty"):
+        train_tiny(tmp_path, archive, concepts='[{"instance_data": "cat"}]')

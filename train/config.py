@@ -14,6 +14,7 @@ Bad values raise `UserError` with one line that says what is wrong and how to fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,12 @@ class TrainConfig:
 
     alpha_background: str = setting(
         "white", "Colour transparent areas of images are composited onto (a name or #rrggbb)")
+
+    concepts: str | None = setting(
+        None, "Several subjects in one run: a JSON list of {instance_prompt, class_prompt, "
+              "instance_data, class_data, num_class_images}, where instance_data and class_data "
+              "name folders inside the instance_data and class_data archives; omitted prompts "
+              "and counts default to the inputs above")
 
     # --- Samples rendered with the trained model --------------------------------------------
     save_sample_prompt: str | None = setting(
@@ -165,9 +172,11 @@ class TrainConfig:
             raise UserError("instance_prompt is empty: give a prompt that names the subject, "
                             "e.g. 'a photo of sks dog'")
         if self.with_prior_preservation:
-            if not (self.class_prompt or "").strip():
-                raise UserError("class_prompt is needed with prior preservation: give one, e.g. "
-                                "'a photo of a dog', or set with_prior_preservation to false")
+            for concept in concepts_of(self):
+                if not (concept.class_prompt or "").strip():
+                    raise UserError("class_prompt is needed with prior preservation: give one, "
+                                    "e.g. 'a photo of a dog', or set with_prior_preservation to "
+                                    "false")
             if self.num_class_images < 1:
                 raise UserError("num_class_images must be at least 1 with prior preservation, "
                                 "or set with_prior_preservation to false")
@@ -189,6 +198,68 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Concept:
+    """One subject: its prompts and where its images are. Folders are inside the archives;
+    "" is the whole archive, None (for class_folder) none at all."""
+    instance_prompt: str
+    class_prompt: str | None
+    folder: str
+    class_folder: str | None
+    num_class_images: int
+
+
+CONCEPT_KEYS = {"instance_prompt", "class_prompt", "instance_data", "class_data",
+                "num_class_images"}
+
+
+def concepts_of(config: TrainConfig) -> list[Concept]:
+    """The subjects of a run: the `concepts` list, or the single concept of the plain inputs."""
+    default_class = "" if config.class_data else None
+    if not config.concepts:
+        return [Concept(config.instance_prompt, config.class_prompt, "", default_class,
+                        config.num_class_images)]
+    try:
+        items = json.loads(config.concepts)
+    except json.JSONDecodeError as e:
+        raise UserError(f"concepts is not valid JSON ({e})") from None
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise UserError('concepts must be a JSON list of objects, e.g. [{"instance_prompt": '
+                        '"a photo of sks dog", "instance_data": "dog"}]')
+    concepts = []
+    for n, item in enumerate(items, 1):
+        unknown = sorted(set(item) - CONCEPT_KEYS)
+        if unknown:
+            raise UserError(f"concept {n}: unknown key {unknown[0]!r}; use "
+                            f"{', '.join(sorted(CONCEPT_KEYS))}")
+        folder = item.get("instance_data")
+        if not isinstance(folder, str) or not folder.strip("./"):
+            raise UserError(f"concept {n}: instance_data must name a folder inside the "
+                            f"instance_data archive, e.g. \"dog\"")
+        class_folder = item.get("class_data")
+        if class_folder is not None and not config.class_data:
+            raise UserError(f"concept {n}: class_data names a folder, but no class_data archive "
+                            f"was given")
+        prompt = item.get("instance_prompt", config.instance_prompt)
+        class_prompt = item.get("class_prompt", config.class_prompt)
+        count = item.get("num_class_images", config.num_class_images)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"concept {n}: instance_prompt must be non-empty text")
+        if class_prompt is not None and not isinstance(class_prompt, str):
+            raise UserError(f"concept {n}: class_prompt must be text")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10000:
+            raise UserError(f"concept {n}: num_class_images must be a whole number from 0 to "
+                            f"10000")
+        concepts.append(Concept(prompt, class_prompt, _folder(folder),
+                                None if class_folder is None else _folder(str(class_folder)),
+                                count))
+    return concepts
+
+
+def _folder(name: str) -> str:
+    return name.strip().removeprefix("./").strip("/")
 
 
 def _checked(f: dataclasses.Field, hint, value):

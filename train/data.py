@@ -33,6 +33,7 @@ class TrainingData:
     prompt_ids: torch.Tensor     # [n_prompts, 77] token ids, padded to full length
     prompt_len: torch.Tensor     # [n_prompts] tokens up to and including the end token
     prompt_emb: torch.Tensor | None  # [n_prompts, 77, dim] when the text encoder is frozen
+    pairs: list[tuple]           # one epoch of (instance index, class index or None)
 
 
 def image_tensor(image: Image.Image, resolution: int, center_crop: bool,
@@ -109,20 +110,32 @@ def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list
         return torch.tensor([index[ex.caption] for ex in examples], dtype=torch.long)
 
     return TrainingData(inst_mean, inst_std, prompt_index(instance), cls_mean, cls_std,
-                        prompt_index(classes), ids.to(device), lengths, emb)
+                        prompt_index(classes), ids.to(device), lengths, emb,
+                        epoch_pairs(instance, classes))
 
 
-def batch_indices(n_inst: int, n_cls: int, batch_size: int, generator: torch.Generator):
-    """Endless (instance indices, class indices) batches. An epoch is one pass over
-    max(n_inst, n_cls) pairs, shuffled; the smaller set repeats, as in diffusers' DreamBooth."""
-    length = max(n_inst, n_cls)
+def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:
+    """(instance index, class index or None) pairs of one epoch. Per concept, max(instances,
+    class images) pairs, the smaller set repeating, as in diffusers' DreamBooth; an instance
+    image is always paired with a class image of its own concept."""
+    pairs = []
+    for concept in sorted({ex.concept for ex in instance}):
+        inst = [i for i, ex in enumerate(instance) if ex.concept == concept]
+        cls = [i for i, ex in enumerate(classes) if ex.concept == concept]
+        for j in range(max(len(inst), len(cls))):
+            pairs.append((inst[j % len(inst)], cls[j % len(cls)] if cls else None))
+    return pairs
+
+
+def batch_indices(pairs: list[tuple], batch_size: int, generator: torch.Generator):
+    """Endless (instance indices, class indices) batches: each epoch the pairs, shuffled."""
     while True:
-        order = torch.randperm(length, generator=generator).tolist()
-        for start in range(0, length, batch_size):
-            chunk = order[start:start + batch_size]
-            yield [i % n_inst for i in chunk], [i % n_cls for i in chunk] if n_cls else []
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        for start in range(0, len(pairs), batch_size):
+            chunk = [pairs[i] for i in order[start:start + batch_size]]
+            yield [i for i, _ in chunk], [c for _, c in chunk if c is not None]
 
 
-def steps_per_epoch(n_inst: int, n_cls: int, batch_size: int, accumulation: int) -> int:
+def steps_per_epoch(n_pairs: int, batch_size: int, accumulation: int) -> int:
     """Optimizer steps in one epoch of `batch_indices`."""
-    return math.ceil(math.ceil(max(n_inst, n_cls) / batch_size) / accumulation)
+    return math.ceil(math.ceil(n_pairs / batch_size) / accumulation)

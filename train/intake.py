@@ -66,17 +66,21 @@ class Example:
     size: tuple[int, int]
     image: Image.Image
     notes: list[str] = field(default_factory=list)
+    concept: int = 0  # which subject, when a run has several
 
     def report(self) -> dict:
-        record = {"file": self.file, "caption": self.caption, "size": list(self.size)}
+        record = {"file": self.file, "caption": self.caption, "size": list(self.size),
+                  "concept": self.concept}
         return dict(record, notes=self.notes) if self.notes else record
 
 
 def read_images(source: str | Path, role: str, caption: str, resolution: int,
                 limit: int | None = None, limits: Limits = Limits(), background: str = "white",
-                words: tuple[str, str] | None = None) -> tuple[list[Example], list[dict]]:
-    """Read the images of an archive, image or folder. Returns (examples, skipped); `skipped`
-    holds {"file", "reason"} per file left out. Keeps at most `limit` images (in name order).
+                words: tuple[str, str] | None = None, folder: str = "",
+                concept: int = 0) -> tuple[list[Example], list[dict]]:
+    """Read the images of an archive, image or folder (only those under `folder` inside it,
+    when given). Returns (examples, skipped); `skipped` holds {"file", "reason"} per file left
+    out. Keeps at most `limit` images (in name order).
 
     Each image's caption is `caption` unless the archive gives it one: a sidecar `name.txt` or
     `name.caption` beside it, or text after `@` in its file name (`img-1@a photo of S.jpg`).
@@ -86,7 +90,8 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
     if not path.exists():
         raise UserError(f"{role}: {source} does not exist")
     backdrop = ImageColor.getrgb(background)[:3]
-    entries = list(_entries(path, role, limits))
+    entries = [e for e in _entries(path, role, limits)
+               if not folder or e[0].removeprefix("./").startswith(folder + "/")]
     sidecars = _sidecars(entries)
     examples, skipped = [], []
     for name, reason, read in entries:
@@ -112,6 +117,7 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
         own = _caption_of(name, sidecars, entries)
         if own:
             example.caption = _substitute(own, words)
+        example.concept = concept
         examples.append(example)
     return examples, skipped
 

@@ -48,8 +48,7 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
     """Run `total_steps` optimizer steps; returns the loss history (one entry per step)."""
     device = accelerator.device
     generator = torch.Generator().manual_seed(seed)
-    n_inst, n_cls = len(data.inst_prompt), len(data.cls_prompt)
-    batches = batch_indices(n_inst, n_cls, batch_size, generator)
+    batches = batch_indices(data.pairs, batch_size, generator)
     train_text = data.prompt_emb is None
     num_timesteps = noise_scheduler.config.num_train_timesteps
     unet.train()

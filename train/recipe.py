@@ -11,6 +11,7 @@ only build a TrainConfig and call this.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .config import TrainConfig, UserError
+from .config import Concept, TrainConfig, UserError, concepts_of
 from .export import save_images, save_pipeline, versions, write_json, write_tar
 from .intake import Limits, prompt_words, read_images, require_images
 from .models import check_model
@@ -45,24 +46,33 @@ def run(config: TrainConfig, log=print) -> Path:
     limits = Limits(max_files=config.max_archive_files, max_bytes=config.max_archive_mib << 20,
                     max_ratio=config.max_compression_ratio,
                     max_pixels=config.max_image_megapixels * 10**6)
-    words = prompt_words(config.instance_prompt, config.class_prompt)
-    instance, inst_skipped = read_images(config.instance_data, "instance_data",
-                                         config.instance_prompt, config.resolution,
-                                         limits=limits, background=config.alpha_background,
-                                         words=words)
-    require_images(instance, inst_skipped, "instance_data")
-    classes, cls_skipped = [], []
-    if config.with_prior_preservation and config.class_data:
-        classes, cls_skipped = read_images(config.class_data, "class_data", config.class_prompt,
-                                           config.resolution, limit=config.num_class_images,
-                                           limits=limits, background=config.alpha_background,
-                                           words=words)
+    concepts = concepts_of(config)
+    instance, inst_skipped, classes, cls_skipped, n_generate = [], [], [], [], []
+    for k, concept in enumerate(concepts):
+        words = prompt_words(concept.instance_prompt, concept.class_prompt)
+        where = f"instance_data folder {concept.folder!r}" if concept.folder else "instance_data"
+        found, skipped = read_images(config.instance_data, where, concept.instance_prompt,
+                                     config.resolution, limits=limits,
+                                     background=config.alpha_background, words=words,
+                                     folder=concept.folder, concept=k)
+        require_images(found, skipped, where)
+        instance += found
+        inst_skipped += skipped
+        have = []
+        if config.with_prior_preservation and concept.class_folder is not None:
+            have, skipped = read_images(config.class_data, "class_data", concept.class_prompt,
+                                        config.resolution, limit=concept.num_class_images,
+                                        limits=limits, background=config.alpha_background,
+                                        words=words, folder=concept.class_folder, concept=k)
+            classes += have
+            cls_skipped += skipped
+        wanted = concept.num_class_images if config.with_prior_preservation else 0
+        n_generate.append(wanted - len(have))
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
     check_model(config.model)
-    plan = make_plan(config, len(instance))
-    n_generate = plan["class_images"] - len(classes)
-    for line in dataset_summary(config, instance, inst_skipped, classes, cls_skipped,
+    plan = make_plan(config, concepts, instance)
+    for line in dataset_summary(config, concepts, instance, inst_skipped, classes, cls_skipped,
                                 n_generate, plan):
         log(line)
     phase("intake")
@@ -72,14 +82,14 @@ def run(config: TrainConfig, log=print) -> Path:
         Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir))
     try:
-        return _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped,
-                                 n_generate, work, timings, phase, log)
+        return _train_and_export(config, concepts, plan, instance, inst_skipped, classes,
+                                 cls_skipped, n_generate, work, timings, phase, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped, n_generate,
-                      work, timings, phase, log):
+def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, cls_skipped,
+                      n_generate, work, timings, phase, log):
     _quiet_libraries()
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -108,15 +118,17 @@ def _train_and_export(config, plan, instance, inst_skipped, classes, cls_skipped
         return (torch.autocast("cuda", dtype=weight_dtype) if precision != "no"
                 else contextlib.nullcontext())
 
-    if n_generate > 0:
+    for k, (concept, count) in enumerate(zip(concepts, n_generate)):
+        if count <= 0:
+            continue
         with half():
-            made = generate(pipe, config.class_prompt, n_generate,
+            made = generate(pipe, concept.class_prompt, count,
                             batch_size=config.sample_batch_size,
-                            steps=config.class_infer_steps,
-                            guidance=7.5, seed=config.seed, resolution=config.resolution,
-                            label="class images", log=log)
-        classes += [Example(f"generated/{i:04d}.png", config.class_prompt, im.size, im)
-                    for i, im in enumerate(made)]
+                            steps=config.class_infer_steps, guidance=7.5, seed=config.seed + k,
+                            resolution=config.resolution, label="class images", log=log)
+        folder = f"generated/{k}" if len(concepts) > 1 else "generated"
+        classes += [Example(f"{folder}/{i:04d}.png", concept.class_prompt, im.size, im,
+                            concept=k) for i, im in enumerate(made)]
     phase("class_images")
 
     # 3. Cache latents once; and text embeddings too when the text encoder stays frozen.
@@ -220,11 +232,15 @@ def check_writable(output: str, work_dir: str | None) -> None:
                             f"folder)")
 
 
-def make_plan(config: TrainConfig, n_instance: int) -> dict:
+def make_plan(config: TrainConfig, concepts: list[Concept], instance: list) -> dict:
     """Resolve training length and learning rate. `max_train_steps` wins when it is set;
-    0 means train for `num_train_epochs` epochs."""
-    n_class = config.num_class_images if config.with_prior_preservation else 0
-    per_epoch = data_mod.steps_per_epoch(n_instance, n_class, config.train_batch_size,
+    0 means train for `num_train_epochs` epochs. An epoch pairs each concept's instance images
+    with its class images: max(instances, class images) pairs per concept."""
+    prior = config.with_prior_preservation
+    counts = [(sum(ex.concept == k for ex in instance), c.num_class_images if prior else 0)
+              for k, c in enumerate(concepts)]
+    pairs = sum(max(n_inst, n_cls) for n_inst, n_cls in counts)
+    per_epoch = data_mod.steps_per_epoch(pairs, config.train_batch_size,
                                          config.gradient_accumulation_steps)
     steps = config.max_train_steps or config.num_train_epochs * per_epoch
     scale = config.train_batch_size * config.gradient_accumulation_steps
@@ -232,8 +248,9 @@ def make_plan(config: TrainConfig, n_instance: int) -> dict:
         "steps": steps,
         "steps_per_epoch": per_epoch,
         "epochs": round(steps / per_epoch, 3),
-        "instance_images": n_instance,
-        "class_images": n_class,
+        "instance_images": len(instance),
+        "class_images": sum(n_cls for _, n_cls in counts),
+        "concepts": [dataclasses.asdict(c) for c in concepts],
         "learning_rate": config.learning_rate * (scale if config.scale_lr else 1),
         # diffusers' "constant" ignores warm-up; lr_warmup_steps should do what it says.
         "lr_scheduler": ("constant_with_warmup" if config.lr_scheduler == "constant"
@@ -242,21 +259,25 @@ def make_plan(config: TrainConfig, n_instance: int) -> dict:
     }
 
 
-def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_generate, plan):
+def dataset_summary(config, concepts, instance, inst_skipped, classes, cls_skipped,
+                    n_generate, plan):
     """Lines that tell a person what is about to be trained on, before anything slow starts."""
-    lines = [f"dataset: {len(instance)} instance images, {len(inst_skipped)} files skipped"]
+    lines = [f"dataset: {len(instance)} instance images, {len(inst_skipped)} files skipped"
+             + (f", {len(concepts)} concepts" if len(concepts) > 1 else "")]
     for ex in instance:
         notes = "".join(f"  [{note}]" for note in ex.notes)
         lines.append(f"  use   {ex.file}  {ex.size[0]}x{ex.size[1]}  \"{ex.caption}\"{notes}")
     for s in inst_skipped:
         lines.append(f"  skip  {s['file']}  ({s['reason']})")
-    if config.with_prior_preservation:
-        lines.append(f"class images: {plan['class_images']} \"{config.class_prompt}\" "
-                     f"({len(classes)} from class_data, {n_generate} to generate)")
-        for s in cls_skipped:
-            lines.append(f"  skip  {s['file']}  ({s['reason']})")
-    else:
-        lines.append("class images: none (prior preservation off)")
+    for k, concept in enumerate(concepts):
+        if not config.with_prior_preservation:
+            lines.append("class images: none (prior preservation off)")
+            break
+        have = sum(ex.concept == k for ex in classes)
+        lines.append(f"class images: {concept.num_class_images} \"{concept.class_prompt}\" "
+                     f"({have} from class_data, {n_generate[k]} to generate)")
+    for s in cls_skipped:
+        lines.append(f"  skip  {s['file']}  ({s['reason']})")
     by = ("max_train_steps" if config.max_train_steps
           else f"num_train_epochs={config.num_train_epochs}")
     lines.append(f"plan: {plan['steps']} steps ({plan['epochs']} epochs of "
@@ -264,11 +285,13 @@ def dataset_summary(config, instance, inst_skipped, classes, cls_skipped, n_gene
                  f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
                  f"lr {plan['learning_rate']:.1e} {plan['lr_scheduler']}, text encoder "
                  f"{'trained' if config.train_text_encoder else 'frozen'}")
-    noun = prompt_words(config.instance_prompt, config.class_prompt)[1]
-    if config.class_prompt and noun.lower() not in config.instance_prompt.lower().split():
-        lines.append(f"warning: instance_prompt \"{config.instance_prompt}\" does not name the "
-                     f"class \"{noun}\"; a prompt such as \"a photo of sks {noun}\" ties the "
-                     f"identifier to the class, and usually learns faster and drifts less")
+    for concept in concepts:
+        noun = prompt_words(concept.instance_prompt, concept.class_prompt)[1]
+        if concept.class_prompt and noun.lower() not in concept.instance_prompt.lower().split():
+            lines.append(f"warning: instance_prompt \"{concept.instance_prompt}\" does not name "
+                         f"the class \"{noun}\"; a prompt such as \"a photo of sks {noun}\" "
+                         f"ties the identifier to the class, and usually learns faster and "
+                         f"drifts less")
     if config.max_train_steps and config.num_train_epochs != 1:
         lines.append(f"warning: num_train_epochs={config.num_train_epochs} is overridden by "
                      f"max_train_steps={config.max_train_steps}; set max_train_steps to 0 to "
