@@ -311,3 +311,21 @@ def test_prompt_words():
     assert prompt_words("a photo of sks dog", "a photo of a dog") == ("sks", "dog")
     assert prompt_words("zwx man, portrait", "a photo of a man") == ("zwx", "man")
     assert prompt_words("a photo of zwx man", None) == ("zwx", "man")
+
+
+def test_folder_captions_joepenna_style(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {
+        "root.jpg": image_bytes(),
+        "bingo/1.jpg": image_bytes(),
+        "bingo/dog/2.jpg": image_bytes(),
+        "effy/person/a picture of/3.jpg": image_bytes(),
+        "bingo/dog/4@S being a good C.jpg": image_bytes(),
+    })
+    args = (archive, "instance_data", "a photo of sks cat", 64)
+    examples, _ = read_images(*args, words=("sks", "cat"), folder_captions=True)
+    assert {e.file: e.caption for e in examples} == {
+        "root.jpg": "a photo of sks cat", "bingo/1.jpg": "bingo cat",
+        "bingo/dog/2.jpg": "bingo dog", "effy/person/a picture of/3.jpg": "a picture of effy person",
+        "bingo/dog/4@S being a good C.jpg": "bingo being a good dog"}
+    plain, _ = read_images(*args, words=("sks", "cat"))  # off by default: folders are folders
+    assert {e.caption for e in plain} == {"a photo of sks cat", "sks being a good cat"}

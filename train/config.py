@@ -64,6 +64,10 @@ class TrainConfig:
     alpha_background: str = setting(
         "white", "Colour transparent areas of images are composited onto (a name or #rrggbb)")
 
+    folder_captions: bool = setting(
+        False, "Caption by folders, JoePenna-style: a top folder names the subject, the next "
+               "its class, the next a caption prefix (bingo/dog/a picture of/x.jpg -> 'a picture "
+               "of bingo dog')")
     concepts: str | None = setting(
         None, "Several subjects in one run: a JSON list of {instance_prompt, class_prompt, "
               "instance_data, class_data, num_class_images}, where instance_data and class_data "

@@ -77,7 +77,8 @@ class Example:
 def read_images(source: str | Path, role: str, caption: str, resolution: int,
                 limit: int | None = None, limits: Limits = Limits(), background: str = "white",
                 words: tuple[str, str] | None = None, folder: str = "",
-                concept: int = 0) -> tuple[list[Example], list[dict]]:
+                concept: int = 0, folder_captions: bool = False
+                ) -> tuple[list[Example], list[dict]]:
     """Read the images of an archive, image or folder (only those under `folder` inside it,
     when given). Returns (examples, skipped); `skipped` holds {"file", "reason"} per file left
     out. Keeps at most `limit` images (in name order).
@@ -85,7 +86,9 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
     Each image's caption is `caption` unless the archive gives it one: a sidecar `name.txt` or
     `name.caption` beside it, or text after `@` in its file name (`img-1@a photo of S.jpg`).
     With `words` = (identifier, class noun), a whole-word S or C in those captions stands for
-    them."""
+    them. With `folder_captions` (JoePenna's convention), folders say more: `bingo/x.jpg` is
+    "bingo C", `bingo/dog/x.jpg` "bingo dog", `bingo/dog/a picture of/x.jpg` "a picture of
+    bingo dog", and S and C follow the folders too."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"{role}: {source} does not exist")
@@ -114,9 +117,14 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
         if reason:
             skipped.append({"file": name, "reason": reason})
             continue
+        here = words
+        if folder_captions and words:
+            here, group = _folder_words(name, folder, words)
+            if group is not None:
+                example.caption = group
         own = _caption_of(name, sidecars, entries)
         if own:
-            example.caption = _substitute(own, words)
+            example.caption = _substitute(own, here)
         example.concept = concept
         examples.append(example)
     return examples, skipped
@@ -163,6 +171,18 @@ def _caption_of(name: str, sidecars: dict[str, str], entries) -> str | None:
     if "@" in stem:
         return " ".join(stem.split("@", 1)[1].split()) or None
     return None
+
+
+def _folder_words(name: str, folder: str, words: tuple[str, str]):
+    """((identifier, class noun), caption or None) for an image under JoePenna's folders."""
+    inner = name.removeprefix("./").removeprefix(folder + "/") if folder else name
+    dirs = PurePosixPath(inner).parts[:-1]
+    if not dirs:
+        return words, None
+    identifier = dirs[0]
+    noun = dirs[1] if len(dirs) > 1 else words[1]
+    prefix = " ".join(dirs[2:])
+    return (identifier, noun), " ".join(f"{prefix} {identifier} {noun}".split())
 
 
 def _substitute(caption: str, words: tuple[str, str] | None) -> str:

@@ -54,7 +54,8 @@ def run(config: TrainConfig, log=print) -> Path:
         found, skipped = read_images(config.instance_data, where, concept.instance_prompt,
                                      config.resolution, limits=limits,
                                      background=config.alpha_background, words=words,
-                                     folder=concept.folder, concept=k)
+                                     folder=concept.folder, concept=k,
+                                     folder_captions=config.folder_captions)
         require_images(found, skipped, where)
         instance += found
         inst_skipped += skipped
