@@ -329,3 +329,42 @@ def test_folder_captions_joepenna_style(tmp_path):
         "bingo/dog/4@S being a good C.jpg": "bingo being a good dog"}
     plain, _ = read_images(*args, words=("sks", "cat"))  # off by default: folders are folders
     assert {e.caption for e in plain} == {"a photo of sks cat", "sks being a good cat"}
+
+
+def test_caption_edge_cases_found_in_review(tmp_path):
+    members = {"./x.jpg": image_bytes(), "./x.txt": b"S from a dot-slash tar",
+               "y.JPG": image_bytes(), "y.TXT": b"upper case S",
+               "bin\\1go/z@a photo of S.jpg": image_bytes()}
+    path = tmp_path / "a.tar"
+    path.write_bytes(tar_bytes(members))
+    examples, skipped = read_images(path, "instance_data", "default", 64,
+                                    words=("sks", "dog"), folder_captions=True)
+    assert {e.file: e.caption for e in examples} == {
+        "./x.jpg": "sks from a dot-slash tar", "y.JPG": "upper case sks",
+        "bin\\1go/z@a photo of S.jpg": "a photo of bin\\1go"}
+    assert skipped == []
+
+
+def test_damaged_caption_file_keeps_the_default_caption(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {"a.jpg": image_bytes(), "a.txt": b"my caption" * 50})
+    data = bytearray(archive.read_bytes())
+    data[data.index(b"my caption") + 5] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    (example,), _ = read(archive)
+    assert example.caption == "a photo of sks dog"
+
+
+def test_a_single_bomb_image_is_skipped_not_a_traceback(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (14000, 14000)).save(path)
+    examples, skipped = read(path)
+    with pytest.raises(UserError, match="huge.png: too many pixels"):
+        require_images(examples, skipped, "instance_data")
+
+
+def test_folder_entries_count_toward_the_file_limit(tmp_path):
+    members = {f"d{i}": hostile_member(f"d{i}", tarfile.DIRTYPE) for i in range(30)}
+    path = tmp_path / "dirs.tar"
+    path.write_bytes(tar_bytes(dict(members, **{"a.jpg": image_bytes()})))
+    with pytest.raises(UserError, match="holds more than 20 files"):
+        read_images(path, "instance_data", "c", 64, limits=Limits(max_files=20))

@@ -356,6 +356,8 @@ def test_two_concepts_in_one_archive(tmp_path):
     ('[{"instance_prompt": "a photo of sks dog"}]', "concept 1: instance_data must name a folder"),
     ('[{"instance_data": "dog", "class_data": "dogs"}]', "but no class_data archive was given"),
     ('[{"instance_data": "dog", "num_class_images": -1}]', "num_class_images must be a whole"),
+    ('[{"instance_data": "dog", "class_data": {}}]', "class_data must name a folder"),
+    ("[" * 100000, "concepts is not valid JSON"),
 ])
 def test_bad_concepts_are_explained(concepts, message):
     from train import UserError
@@ -369,5 +371,6 @@ def test_a_concept_folder_without_images_is_named(tmp_path):
     from train import UserError
 
     archive = make_zip(tmp_path / "a.zip", {"dog/1.jpg": image_bytes()})
-    with pytest.raises(UserError, match="instance_data folder 'cat': the archive is empty"):
+    with pytest.raises(UserError, match=r"instance_data folder 'cat': no files under cat/ in the "
+                                        r"archive \(its top-level folders: dog/\)"):
         train_tiny(tmp_path, archive, concepts='[{"instance_data": "cat"}]')

@@ -155,7 +155,7 @@ class TrainConfig:
         le=10**6, cog=False)
     max_image_megapixels: int = setting(
         100, "Largest image accepted, in megapixels (read from its header, before decoding)",
-        ge=1, le=10000, cog=False)
+        ge=1, le=170, cog=False)  # Pillow itself refuses more than 179 Mpx
     model: str = setting(
         "weights", "Base model: a diffusers folder, or a built-in name (tiny, random-sd15); Cog "
                    "reads BASE_MODEL", cog=False)
@@ -227,8 +227,8 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
                         config.num_class_images)]
     try:
         items = json.loads(config.concepts)
-    except json.JSONDecodeError as e:
-        raise UserError(f"concepts is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"concepts is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise UserError('concepts must be a JSON list of objects, e.g. [{"instance_prompt": '
                         '"a photo of sks dog", "instance_data": "dog"}]')
@@ -243,6 +243,9 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
             raise UserError(f"concept {n}: instance_data must name a folder inside the "
                             f"instance_data archive, e.g. \"dog\"")
         class_folder = item.get("class_data")
+        if class_folder is not None and not isinstance(class_folder, str):
+            raise UserError(f"concept {n}: class_data must name a folder inside the class_data "
+                            f"archive")
         if class_folder is not None and not config.class_data:
             raise UserError(f"concept {n}: class_data names a folder, but no class_data archive "
                             f"was given")

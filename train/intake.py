@@ -93,9 +93,17 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
     if not path.exists():
         raise UserError(f"{role}: {source} does not exist")
     backdrop = ImageColor.getrgb(background)[:3]
-    entries = [e for e in _entries(path, role, limits)
-               if not folder or e[0].removeprefix("./").startswith(folder + "/")]
+    entries = list(_entries(path, role, limits))
+    if folder:
+        inside = [e for e in entries if e[0].removeprefix("./").startswith(folder + "/")]
+        if not inside:
+            tops = sorted({e[0].removeprefix("./").split("/")[0] + "/" for e in entries
+                           if "/" in e[0].removeprefix("./")})
+            raise UserError(f"{role}: no files under {folder}/ in the archive (its top-level "
+                            f"folders: {', '.join(tops[:10]) or 'none'})")
+        entries = inside
     sidecars = _sidecars(entries)
+    readers = {n: read for n, _, read in entries}
     examples, skipped = [], []
     for name, reason, read in entries:
         if name in sidecars.values():
@@ -122,7 +130,7 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
             here, group = _folder_words(name, folder, words)
             if group is not None:
                 example.caption = group
-        own = _caption_of(name, sidecars, entries)
+        own = _caption_of(name, sidecars, readers)
         if own:
             example.caption = _substitute(own, here)
         example.concept = concept
@@ -147,25 +155,28 @@ CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 def _sidecars(entries) -> dict[str, str]:
-    """Image entry name -> its caption file's name, for `x.jpg` beside `x.txt`/`x.caption`."""
-    names = {name for name, reason, _ in entries if reason is None}
+    """Image entry name -> its caption file's name, for `x.jpg` beside `x.txt`/`x.caption`
+    (matched on the names as stored, so `./x.jpg` pairs with `./x.txt`; suffixes in any case)."""
+    captions = {}
+    for name, reason, _ in entries:
+        stem, dot, suffix = name.rpartition(".")
+        if reason is None and dot and "." + suffix.lower() in CAPTION_SUFFIXES:
+            captions.setdefault(stem, name)
     found = {}
-    for name in sorted(names):
-        stem = PurePosixPath(name)
-        if stem.suffix.lower() in CAPTION_SUFFIXES:
-            continue
-        for suffix in CAPTION_SUFFIXES:
-            candidate = str(stem.parent / (stem.stem + suffix))
-            if candidate in names:
-                found[name] = candidate
-                break
+    for name, reason, _ in entries:
+        stem, dot, suffix = name.rpartition(".")
+        if (reason is None and dot and "/" not in suffix and stem in captions
+                and "." + suffix.lower() not in CAPTION_SUFFIXES):
+            found[name] = captions[stem]
     return found
 
 
-def _caption_of(name: str, sidecars: dict[str, str], entries) -> str | None:
+def _caption_of(name: str, sidecars: dict[str, str], readers: dict) -> str | None:
     if name in sidecars:
-        read = next(r for n, _, r in entries if n == sidecars[name])
-        text = read()[:64 << 10].decode("utf-8", errors="replace")
+        try:
+            text = readers[sidecars[name]]()[:64 << 10].decode("utf-8", errors="replace")
+        except UNREADABLE:
+            return None  # a damaged caption file: the image keeps the default caption
         return " ".join(text.split()) or None
     stem = PurePosixPath(name).stem
     if "@" in stem:
@@ -188,9 +199,9 @@ def _folder_words(name: str, folder: str, words: tuple[str, str]):
 def _substitute(caption: str, words: tuple[str, str] | None) -> str:
     if not words:
         return caption
-    identifier, noun = words
-    caption = re.sub(r"\bS\b", identifier, caption)
-    return re.sub(r"\bC\b", noun, caption)
+    identifier, noun = words  # functions, not strings: a folder name may hold a backslash
+    caption = re.sub(r"\bS\b", lambda _: identifier, caption)
+    return re.sub(r"\bC\b", lambda _: noun, caption)
 
 
 def require_images(examples: list[Example], skipped: list[dict], role: str) -> None:
@@ -218,10 +229,12 @@ def _entries(path: Path, role: str, limits: Limits):
     try:
         with Image.open(path):
             pass
+    except Image.DecompressionBombError:
+        pass  # an image, and too large: skipped with that reason below
     except (UnidentifiedImageError, *UNREADABLE):
         raise UserError(f"{role}: {path.name} is not a ZIP or tar archive, nor an image; zip "
                         f"your photos (e.g. `zip photos.zip *.jpg`) and send that") from None
-    return iter([(path.name, None, path.read_bytes)])
+    return iter([(path.name, _name_reason(path.name, path.stat().st_size), path.read_bytes)])
 
 
 def _zip_entries(path: Path, role: str, limits: Limits):
@@ -246,14 +259,16 @@ def _tar_entries(path: Path, role: str, limits: Limits):
     try:
         archive = tarfile.open(path, "r:*")
         members = []
+        headers = 0
         for member in archive:  # headers only; stop early on a flood of entries
+            headers += 1
             if not member.isdir():
                 members.append(member)
-            if len(members) > limits.max_files:
+            if headers > limits.max_files:
                 break
     except UNREADABLE as e:
         raise UserError(f"{role}: {path.name} is a damaged tar archive ({e})") from None
-    _check_limits(role, path, len(members), sum(m.size for m in members if m.isfile()), limits)
+    _check_limits(role, path, headers, sum(m.size for m in members if m.isfile()), limits)
     for member in sorted(members, key=lambda m: m.name):
         if member.issym() or member.islnk():
             yield member.name, "a link (links are never followed)", None
