@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow",
-            "bitsandbytes", "cog")
+            "pillow-heif", "bitsandbytes", "cog")
 
 
 def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> None:
