@@ -368,3 +368,28 @@ def test_folder_entries_count_toward_the_file_limit(tmp_path):
     path.write_bytes(tar_bytes(dict(members, **{"a.jpg": image_bytes()})))
     with pytest.raises(UserError, match="holds more than 20 files"):
         read_images(path, "instance_data", "c", 64, limits=Limits(max_files=20))
+
+
+def test_compressed_tar_bombs_stop_at_the_limit(tmp_path):
+    huge_name = tarfile.TarInfo("a" * (2 << 20) + ".jpg")  # a 2 MiB GNU long-name header
+    huge_name.size = len(ONE := image_bytes())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:bz2", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(huge_name, io.BytesIO(ONE))
+    path = tmp_path / "longname.tar.bz2"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(UserError, match="has a 2 MiB entry header; refused as a likely archive"):
+        read(path)
+
+    path = tmp_path / "zeros.tar.gz"
+    path.write_bytes(tar_bytes({"zeros.bin": b"\0" * (3 << 20)}, "w:gz"))
+    with pytest.raises(UserError, match="zeros.tar.gz expands past 1 MiB"):
+        read_images(path, "instance_data", "c", 64, limits=Limits(max_bytes=1 << 20))
+
+
+def test_compressed_tar_members_come_in_name_order(tmp_path):
+    members = {f"{name}.jpg": image_bytes((i, 0, 0)) for i, name in enumerate("zyxwvu")}
+    path = tmp_path / "photos.tar.xz"
+    path.write_bytes(tar_bytes(members, "w:xz"))  # stored z..u, read u..z
+    examples, _ = read(path)
+    assert [e.file for e in examples] == ["u.jpg", "v.jpg", "w.jpg", "x.jpg", "y.jpg", "z.jpg"]

@@ -7,8 +7,9 @@ recognised by content, not by name: presigned URLs carry no extension. Nothing i
 disk: members are read into memory one at a time, so no entry name can write anywhere.
 Symlinks, hard links and device files are never followed; `..` and absolute names, macOS
 metadata (`__MACOSX/`, `._x.jpg`), hidden files, `Thumbs.db` and `desktop.ini` are skipped with
-the reason. Limits on entry count, total size and compression ratio refuse archive bombs before
-anything is decompressed.
+the reason. Limits on entry count, total size and compression ratio refuse archive bombs: a
+ZIP from its central directory before anything is inflated, a compressed tar while it is
+decompressed (once, into a spooled temporary file, counting bytes and checking header sizes).
 
 What is an image is decided by opening it: JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF and AVIF.
 EXIF orientation is applied; embedded colour profiles converted to sRGB; transparency composited
@@ -19,10 +20,14 @@ reduced scale when that still covers the training resolution. Errors are `UserEr
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import re
 import sys
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -256,8 +261,9 @@ def _zip_entries(path: Path, role: str, limits: Limits):
 
 
 def _tar_entries(path: Path, role: str, limits: Limits):
+    plain = _plain_tar(path, role, limits)
     try:
-        archive = tarfile.open(path, "r:*")
+        archive = tarfile.open(fileobj=plain, mode="r:")
         members = []
         headers = 0
         for member in archive:  # headers only; stop early on a flood of entries
@@ -277,6 +283,51 @@ def _tar_entries(path: Path, role: str, limits: Limits):
         else:
             yield (member.name, _name_reason(member.name, member.size),
                    lambda member=member: archive.extractfile(member).read())
+
+
+TAR_MAGIC = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+MAX_HEADER_BYTES = 1 << 20  # long-name and pax headers are a few hundred bytes in real archives
+
+
+def _plain_tar(path: Path, role: str, limits: Limits):
+    """The archive as an uncompressed, seekable tar: decompressed once, counting every byte, so
+    a bomb stops at the size limit and members can then be read in any order without
+    re-decompressing. Headers are walked before tarfile parses them: tarfile would hold a
+    gigabyte "long name" in memory."""
+    with path.open("rb") as file:
+        head = file.read(6)
+    opener = next((o for magic, o in TAR_MAGIC.items() if head.startswith(magic)), None)
+    if opener is None:
+        plain = path.open("rb")
+    else:
+        plain = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+        budget = limits.max_bytes + min(limits.max_bytes, 64 << 20)  # data, plus headers
+        try:
+            with opener(path) as stream:
+                while chunk := stream.read(1 << 20):
+                    plain.write(chunk)
+                    if plain.tell() > budget:
+                        raise UserError(f"{role}: {path.name} expands past "
+                                        f"{limits.max_bytes >> 20} MiB; send only the photos")
+        except UNREADABLE + (lzma.LZMAError,) as e:
+            raise UserError(f"{role}: {path.name} is a damaged archive ({e})") from None
+        plain.seek(0)
+    offset, end = 0, plain.seek(0, 2)
+    while offset + 512 <= end:  # 512-byte headers, each followed by its data rounded to 512
+        plain.seek(offset)
+        header = plain.read(512)
+        if header == b"\0" * 512:
+            break
+        try:
+            size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        except ValueError:
+            break  # tarfile will say what is wrong with it
+        if header[156:157] in (b"L", b"K", b"x", b"g") and size > MAX_HEADER_BYTES:
+            raise UserError(f"{role}: {path.name} has a {size >> 20} MiB entry header; refused "
+                            f"as a likely archive bomb")
+        offset += 512 + (size + 511) // 512 * 512
+    plain.seek(0)
+    return plain
 
 
 def _folder_entries(path: Path):
