@@ -81,6 +81,7 @@ class Predictor(BasePredictor):
         log_every: int = setting("log_every"),
         alpha_background: str = setting("alpha_background"),
         flip_p: float = setting("flip_p"),
+        aspect_buckets: bool = setting("aspect_buckets"),
         folder_captions: bool = setting("folder_captions"),
         concepts: Optional[str] = setting("concepts"),
     ) -> Path:

@@ -72,7 +72,7 @@ def test_the_loop_learns_the_instance_images(tmp_path, photos_zip):
                         with_prior_preservation=False, train_text_encoder=False)
     base = build_builtin("tiny")
     images, _ = read_images(photos_zip, "instance_data", "", 64)
-    latents = encode_images(base.vae, images, 64, True, seed=0)[0][:, 0]
+    latents = torch.stack(encode_images(base.vae, images, 64, True, seed=0)[0])[:, 0]
     prompt = "a photo of sks ball"
     before = denoising_loss(base.unet, base.text_encoder, base.tokenizer, latents, prompt)
     trained = DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
@@ -295,11 +295,11 @@ def test_flipped_views_are_cached_and_used(tmp_path, photos_zip, base_unet):
 
     vae = build_builtin("tiny").vae
     images, _ = read_images(photos_zip, "instance_data", "", 64)
-    mean, std = encode_images(vae, images, 64, True, seed=0, flip=True)
+    mean, std = (torch.stack(x) for x in encode_images(vae, images, 64, True, seed=0, flip=True))
     assert mean.shape[:2] == (4, 2) and std.shape == mean.shape
     mirrored = [type(images[0])(e.file, e.caption, e.size, e.image.transpose(
         Image.Transpose.FLIP_LEFT_RIGHT)) for e in images]
-    expected = encode_images(vae, mirrored, 64, True, seed=0)[0][:, 0]
+    expected = torch.stack(encode_images(vae, mirrored, 64, True, seed=0)[0])[:, 0]
     torch.testing.assert_close(mean[:, 1], expected, atol=1e-4, rtol=1e-4)
 
     never, _ = train_tiny(tmp_path, photos_zip, "never", flip_p=0.0)
@@ -374,3 +374,25 @@ def test_a_concept_folder_without_images_is_named(tmp_path):
     with pytest.raises(UserError, match=r"instance_data folder 'cat': no files under cat/ in the "
                                         r"archive \(its top-level folders: dog/\)"):
         train_tiny(tmp_path, archive, concepts='[{"instance_data": "cat"}]')
+
+
+def test_aspect_buckets_train_wide_and_tall_photos_uncropped(tmp_path):
+    from train.data import bucket_sizes, nearest_bucket
+
+    buckets = bucket_sizes(256)
+    assert buckets == [(192, 320), (192, 384), (256, 256), (320, 192), (384, 192)]
+    assert nearest_bucket((1600, 900), buckets) == (320, 192)  # 16:9 -> 5:3
+    assert nearest_bucket((900, 1600), buckets) == (192, 320)
+    archive = make_zip(tmp_path / "a.zip", {"wide.jpg": image_bytes(size=(512, 256)),
+                                            "tall.jpg": image_bytes(size=(300, 500)),
+                                            "square.jpg": image_bytes(size=(256, 256))})
+    vae = build_builtin("tiny").vae
+    images, _ = read_images(archive, "instance_data", "", 256)
+    mean, _ = encode_images(vae, images, 256, True, seed=0, buckets=buckets)
+    shapes = {e.file: tuple(m.shape[-2:]) for e, m in zip(images, mean)}  # latent [h, w]
+    assert shapes == {"square.jpg": (32, 32), "wide.jpg": (24, 48), "tall.jpg": (40, 24)}
+
+    out, _ = train_tiny(tmp_path, archive, aspect_buckets=True, resolution=256,
+                        max_train_steps=4, num_class_images=1, class_infer_steps=1)
+    history = read_training_json(out)["history"]
+    assert len(history) == 4 and all(h["class_loss"] > 0 for h in history)

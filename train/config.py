@@ -94,6 +94,10 @@ class TrainConfig:
     flip_p: float = setting(
         0.0, "Probability of training on an image mirrored left-right (0 for faces and text, "
              "which are not symmetric)", ge=0.0, le=1.0)
+    aspect_buckets: bool = setting(
+        False, "Train each photo at its own aspect ratio, in buckets of about resolution² "
+               "pixels (sides multiples of 64), instead of cropping it square; class images "
+               "stay square")
     pad_tokens: bool = setting(
         False, "Pad every prompt to the tokenizer's full length (77) instead of to the longest "
                "prompt in the batch")

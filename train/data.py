@@ -24,11 +24,11 @@ from .intake import Example
 @dataclass
 class TrainingData:
     """Cached tensors for instance ("inst") and class ("cls") examples, and the prompt table."""
-    inst_mean: torch.Tensor      # [n_inst, views, 4, h, w] latent distribution, scaled
-    inst_std: torch.Tensor
+    inst_mean: list[torch.Tensor]  # per image [views, 4, h, w] latent distribution, scaled
+    inst_std: list[torch.Tensor]
     inst_prompt: torch.Tensor    # [n_inst] index into the prompt table
-    cls_mean: torch.Tensor       # [n_cls, views, 4, h, w] (n_cls = 0 without prior preservation)
-    cls_std: torch.Tensor
+    cls_mean: list[torch.Tensor]   # likewise for class images (none without prior preservation)
+    cls_std: list[torch.Tensor]
     cls_prompt: torch.Tensor
     prompt_ids: torch.Tensor     # [n_prompts, 77] token ids, padded to full length
     prompt_len: torch.Tensor     # [n_prompts] tokens up to and including the end token
@@ -37,49 +37,70 @@ class TrainingData:
 
 
 def image_tensor(image: Image.Image, resolution: int, center_crop: bool,
-                 rng: random.Random) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square (centre or random), scale to
-    [-1, 1]. Returns [3, resolution, resolution] float32."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)),
-            max(resolution, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
+                 rng: random.Random, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resize to cover `size` (default: a `resolution` square), crop it (centre or random),
+    scale to [-1, 1]. Returns [3, height, width] float32."""
+    width, height = size or (resolution, resolution)
+    scale = max(width / image.width, height / image.height)
+    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if cover != image.size:
+        image = image.resize(cover, Image.Resampling.BICUBIC)
     if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
     else:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, cover[0] - width), rng.randint(0, cover[1] - height)
+    image = image.crop((left, top, left + width, top + height))
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) buckets of about resolution² pixels, sides multiples of 64 (so latents
+    halve cleanly through the UNet), aspect ratios from 1:2 to 2:1, the square included."""
+    sizes = {(resolution, resolution)}
+    for width in range(64, 2 * resolution + 1, 64):
+        height = max(64, round(resolution * resolution / width / 64) * 64)
+        if max(width, height) <= 2 * min(width, height):
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (on a log scale)."""
+    aspect = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), b))
+
+
 @torch.no_grad()
 def encode_images(vae, examples: list[Example], resolution: int, center_crop: bool, seed: int,
-                  flip: bool = False, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                  flip: bool = False, buckets: list[tuple[int, int]] | None = None,
+                  batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each image's latent mean and std (times the VAE's scaling factor), float32, on the VAE's
-    device, shaped [n, views, 4, h, w]: view 0 as cropped, view 1 mirrored when `flip`. Random
-    crops are drawn once per image from `seed`."""
+    device: one [views, 4, h, w] tensor per image, view 0 as cropped, view 1 mirrored when
+    `flip`. With `buckets`, each image is cropped to the bucket nearest its aspect ratio, else
+    to a square. Random crops are drawn once per image from `seed`."""
     rng = random.Random(seed)
-    pixels = [image_tensor(ex.image, resolution, center_crop, rng) for ex in examples]
-    if flip:  # both views cached, so augmentation survives latent caching
-        pixels += [p.flip(-1) for p in pixels]
-    means, stds = [], []
-    for i in range(0, len(pixels), batch_size):
-        batch = torch.stack(pixels[i:i + batch_size]).to(vae.device, vae.dtype)
-        dist = vae.encode(batch).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    views, side = 2 if flip else 1, resolution // 8
-    if not means:
-        shape = (0, views, vae.config.latent_channels, side, side)
-        return torch.zeros(shape, device=vae.device), torch.zeros(shape, device=vae.device)
+    sizes = [nearest_bucket(ex.image.size, buckets) if buckets else None for ex in examples]
+    pixels = [image_tensor(ex.image, resolution, center_crop, rng, size)
+              for ex, size in zip(examples, sizes)]
+    views = [[p, p.flip(-1)] if flip else [p] for p in pixels]  # both views cached
+    means, stds = [None] * len(pixels), [None] * len(pixels)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pixels):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
     factor = vae.config.scaling_factor
-
-    def by_view(parts):  # [views * n, ...] -> [n, views, ...]
-        return (torch.cat(parts) * factor).unflatten(0, (views, len(examples))).transpose(0, 1)
-
-    return by_view(means), by_view(stds)
+    for group in by_shape.values():  # one VAE batch holds images of one shape
+        flat = [(i, v) for i in group for v in range(len(views[i]))]
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start:start + batch_size]
+            batch = torch.stack([views[i][v] for i, v in chunk]).to(vae.device, vae.dtype)
+            dist = vae.encode(batch).latent_dist
+            for (i, v), mean, std in zip(chunk, dist.mean.float(), dist.std.float()):
+                if v == 0:
+                    means[i], stds[i] = [], []
+                means[i].append(mean * factor)
+                stds[i].append(std * factor)
+    return [torch.stack(m) for m in means], [torch.stack(s) for s in stds]
 
 
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +114,7 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list[Example],
             resolution: int, center_crop: bool, cache_embeddings: bool, seed: int,
-            flip: bool = False) -> TrainingData:
+            flip: bool = False, aspect_buckets: bool = False) -> TrainingData:
     """Encode every image once and tokenize every distinct caption once."""
     device = vae.device
     prompts = sorted({ex.caption for ex in instance + classes})
@@ -103,7 +124,9 @@ def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list
     if cache_embeddings:
         with torch.no_grad():
             emb = text_encoder(ids.to(text_encoder.device))[0].float()
-    inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed, flip)
+    buckets = bucket_sizes(resolution) if aspect_buckets else None  # class images stay square
+    inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed, flip,
+                                        buckets)
     cls_mean, cls_std = encode_images(vae, classes, resolution, center_crop, seed + 1, flip)
 
     def prompt_index(examples):
@@ -127,12 +150,20 @@ def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:
     return pairs
 
 
-def batch_indices(pairs: list[tuple], batch_size: int, generator: torch.Generator):
-    """Endless (instance indices, class indices) batches: each epoch the pairs, shuffled."""
+def batch_indices(pairs: list[tuple], batch_size: int, generator: torch.Generator,
+                  shapes: list | None = None):
+    """Endless (instance indices, class indices) batches: each epoch the pairs, shuffled. With
+    `shapes` (one per instance image), a batch holds instance images of one shape only."""
     while True:
         order = torch.randperm(len(pairs), generator=generator).tolist()
-        for start in range(0, len(pairs), batch_size):
-            chunk = [pairs[i] for i in order[start:start + batch_size]]
+        groups: dict = {}
+        for i in order:
+            groups.setdefault(shapes[pairs[i][0]] if shapes else None, []).append(pairs[i])
+        batches = [group[start:start + batch_size] for group in groups.values()
+                   for start in range(0, len(group), batch_size)]
+        if len(groups) > 1:  # interleave the shapes across the epoch
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        for chunk in batches:
             yield [i for i, _ in chunk], [c for _, c in chunk if c is not None]
 
 

@@ -48,7 +48,9 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
     """Run `total_steps` optimizer steps; returns the loss history (one entry per step)."""
     device = accelerator.device
     generator = torch.Generator().manual_seed(seed)
-    batches = batch_indices(data.pairs, batch_size, generator)
+    shapes = [tuple(m.shape) for m in data.inst_mean]
+    batches = batch_indices(data.pairs, batch_size, generator,
+                            shapes if len(set(shapes)) > 1 else None)
     train_text = data.prompt_emb is None
     num_timesteps = noise_scheduler.config.num_train_timesteps
     unet.train()
@@ -64,29 +66,42 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
             views = (torch.rand(len(inst) + len(cls), generator=generator) < flip_p).long()
         else:
             views = torch.zeros(len(inst) + len(cls), dtype=torch.long)
-        vi, vc = views[:len(inst)], views[len(inst):]
-        mean = torch.cat([data.inst_mean[inst, vi], data.cls_mean[cls, vc]])
-        std = torch.cat([data.inst_std[inst, vi], data.cls_std[cls, vc]])
+        rows = [(data.inst_mean[i][v], data.inst_std[i][v]) for i, v in
+                zip(inst.tolist(), views[:len(inst)].tolist())]
+        rows += [(data.cls_mean[i][v], data.cls_std[i][v]) for i, v in
+                 zip(cls.tolist(), views[len(inst):].tolist())]
         prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
-        # Noise is drawn on the CPU from the seeded generator: the same on every device.
-        sample_noise = torch.randn(mean.shape, generator=generator).to(device)
-        noise = torch.randn(mean.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, num_timesteps, (mean.shape[0],), generator=generator)
-        timesteps = timesteps.to(device)
-        latents = mean + std * sample_noise
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise_target(noise_scheduler, latents, noise, timesteps)
         # Without pad_tokens, prompts are padded only to the longest one in the batch.
         length = data.prompt_ids.shape[1] if pad_tokens else int(data.prompt_len[prompts].max())
+        # One UNet batch per latent shape: one in all, unless aspect buckets differ.
+        groups = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
+                  else [range(len(inst)), range(len(inst), len(rows))])
 
         with accelerator.accumulate(unet, text_encoder):
             if train_text:
                 states = text_encoder(data.prompt_ids[prompts.to(device), :length])[0]
             else:
                 states = data.prompt_emb[prompts.to(device), :length]
-            pred = unet(noisy, timesteps, states).sample
-            loss, inst_loss, cls_loss = dreambooth_loss(pred, target, len(inst),
-                                                        prior_loss_weight)
+            preds, targets = [], []
+            for group in groups:
+                mean = torch.stack([rows[r][0] for r in group])
+                std = torch.stack([rows[r][1] for r in group])
+                # Noise is drawn on the CPU from the seeded generator: the same on any device.
+                sample_noise = torch.randn(mean.shape, generator=generator).to(device)
+                noise = torch.randn(mean.shape, generator=generator).to(device)
+                timesteps = torch.randint(0, num_timesteps, (len(group),), generator=generator)
+                timesteps = timesteps.to(device)
+                latents = mean + std * sample_noise
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                targets.append(noise_target(noise_scheduler, latents, noise, timesteps))
+                preds.append(unet(noisy, timesteps, states[group.start:group.stop]).sample)
+            if len(groups) == 1:
+                loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], len(inst),
+                                                            prior_loss_weight)
+            else:
+                inst_loss = F.mse_loss(preds[0].float(), targets[0].float())
+                cls_loss = F.mse_loss(preds[1].float(), targets[1].float())
+                loss = inst_loss + prior_loss_weight * cls_loss
             accelerator.backward(loss)
             sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
             micro += 1

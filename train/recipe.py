@@ -139,7 +139,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
                             config.resolution, config.center_crop,
                             cache_embeddings=not config.train_text_encoder, seed=config.seed,
-                            flip=config.flip_p > 0)
+                            flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
     phase("cache")
 
     # 4. Train.
