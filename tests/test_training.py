@@ -347,6 +347,8 @@ def test_two_concepts_in_one_archive(tmp_path):
     assert len(record["history"]) == 4  # one epoch: max(2, 2) + max(1, 2) pairs, batch 1
     assert all(h["class_loss"] > 0 for h in record["history"])
     assert 'class images: 2 "a photo of a cat" (1 from class_data, 1 to generate)' in lines
+    assert record["dataset"]["instance"]["skipped"] == [
+        {"file": "stray.jpg", "reason": "outside every concept folder"}]
 
 
 @pytest.mark.parametrize("concepts, message", [

@@ -209,6 +209,15 @@ def _substitute(caption: str, words: tuple[str, str] | None) -> str:
     return re.sub(r"\bC\b", lambda _: noun, caption)
 
 
+def outside_folders(source: str | Path, role: str, folders: list[str],
+                    limits: Limits = Limits()) -> list[dict]:
+    """Skip records for the files of an archive that lie in none of `folders`."""
+    inside = tuple(folder + "/" for folder in folders)
+    return [{"file": name, "reason": "outside every concept folder"}
+            for name, _, _ in _entries(Path(source), role, limits)
+            if not name.removeprefix("./").startswith(inside)]
+
+
 def require_images(examples: list[Example], skipped: list[dict], role: str) -> None:
     """Refuse an archive with no usable image, listing what was found."""
     if examples:

@@ -24,7 +24,7 @@ import torch
 from . import data as data_mod
 from .config import Concept, TrainConfig, UserError, concepts_of
 from .export import save_images, save_pipeline, versions, write_json, write_tar
-from .intake import Limits, prompt_words, read_images, require_images
+from .intake import Limits, outside_folders, prompt_words, read_images, require_images
 from .models import check_model
 
 
@@ -69,6 +69,9 @@ def run(config: TrainConfig, log=print) -> Path:
             cls_skipped += skipped
         wanted = concept.num_class_images if config.with_prior_preservation else 0
         n_generate.append(wanted - len(have))
+    if config.concepts:  # say what the concept folders left out, rather than drop it silently
+        inst_skipped += outside_folders(config.instance_data, "instance_data",
+                                        [c.folder for c in concepts], limits)
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
     check_model(config.model)
