@@ -393,3 +393,11 @@ def test_compressed_tar_members_come_in_name_order(tmp_path):
     path.write_bytes(tar_bytes(members, "w:xz"))  # stored z..u, read u..z
     examples, _ = read(path)
     assert [e.file for e in examples] == ["u.jpg", "v.jpg", "w.jpg", "x.jpg", "y.jpg", "z.jpg"]
+
+
+def test_heic_orientation_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # as an iPhone writes a portrait photo
+    heic = encoded(Image.new("RGB", (80, 64), (200, 30, 30)), "HEIF", exif=exif.tobytes())
+    (example,), _ = read(make_zip(tmp_path / "a.zip", {"IMG_1.HEIC": heic}))
+    assert example.size == (64, 80) and example.image.size == (64, 80)
