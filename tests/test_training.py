@@ -118,7 +118,8 @@ def test_the_prior_loss_weight_changes_the_weights(tmp_path, photos_zip, base_un
 def test_dreambooth_loss_splits_the_batch():
     pred = torch.zeros(4, 1)
     target = torch.tensor([[1.0], [1.0], [2.0], [2.0]])
-    total, instance, prior = dreambooth_loss(pred, target, 2, prior_loss_weight=0.5)
+    total, instance, prior = dreambooth_loss(pred[:2], target[:2], pred[2:], target[2:],
+                                             prior_loss_weight=0.5)
     assert (instance.item(), prior.item(), total.item()) == (1.0, 4.0, 3.0)
 
 

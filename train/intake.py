@@ -100,10 +100,10 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
     backdrop = ImageColor.getrgb(background)[:3]
     entries = list(_entries(path, role, limits))
     if folder:
-        inside = [e for e in entries if e[0].removeprefix("./").startswith(folder + "/")]
+        inside = [e for e in entries if _in_folder(e[0], (folder,))]
         if not inside:
-            tops = sorted({e[0].removeprefix("./").split("/")[0] + "/" for e in entries
-                           if "/" in e[0].removeprefix("./")})
+            tops = sorted({_bare(e[0]).split("/")[0] + "/" for e in entries
+                           if "/" in _bare(e[0])})
             raise UserError(f"{role}: no files under {folder}/ in the archive (its top-level "
                             f"folders: {', '.join(tops[:10]) or 'none'})")
         entries = inside
@@ -191,7 +191,7 @@ def _caption_of(name: str, sidecars: dict[str, str], readers: dict) -> str | Non
 
 def _folder_words(name: str, folder: str, words: tuple[str, str]):
     """((identifier, class noun), caption or None) for an image under JoePenna's folders."""
-    inner = name.removeprefix("./").removeprefix(folder + "/") if folder else name
+    inner = _bare(name).removeprefix(folder + "/") if folder else name
     dirs = PurePosixPath(inner).parts[:-1]
     if not dirs:
         return words, None
@@ -212,10 +212,18 @@ def _substitute(caption: str, words: tuple[str, str] | None) -> str:
 def outside_folders(source: str | Path, role: str, folders: list[str],
                     limits: Limits = Limits()) -> list[dict]:
     """Skip records for the files of an archive that lie in none of `folders`."""
-    inside = tuple(folder + "/" for folder in folders)
     return [{"file": name, "reason": "outside every concept folder"}
             for name, _, _ in _entries(Path(source), role, limits)
-            if not name.removeprefix("./").startswith(inside)]
+            if not _in_folder(name, folders)]
+
+
+def _bare(name: str) -> str:
+    """A member name without the `./` that `tar cf a.tar .` puts in front of every entry."""
+    return name.removeprefix("./")
+
+
+def _in_folder(name: str, folders) -> bool:
+    return _bare(name).startswith(tuple(folder + "/" for folder in folders))
 
 
 def require_images(examples: list[Example], skipped: list[dict], role: str) -> None:

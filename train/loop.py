@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from .data import TrainingData, batch_indices
 
 
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int,
-                    prior_loss_weight: float):
-    """(total, instance, class) MSE losses; the first `n_instance` rows are instance images."""
-    instance = F.mse_loss(pred[:n_instance].float(), target[:n_instance].float())
-    if pred.shape[0] == n_instance:
+def dreambooth_loss(inst_pred, inst_target, cls_pred, cls_target, prior_loss_weight: float):
+    """(total, instance, class) MSE losses; the class half may be empty (no prior preservation)."""
+    instance = F.mse_loss(inst_pred.float(), inst_target.float())
+    if cls_pred.shape[0] == 0:
         return instance, instance, torch.zeros_like(instance)
-    prior = F.mse_loss(pred[n_instance:].float(), target[n_instance:].float())
+    prior = F.mse_loss(cls_pred.float(), cls_target.float())
     return instance + prior_loss_weight * prior, instance, prior
 
 
@@ -95,13 +94,11 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 targets.append(noise_target(noise_scheduler, latents, noise, timesteps))
                 preds.append(unet(noisy, timesteps, states[group.start:group.stop]).sample)
-            if len(groups) == 1:
-                loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], len(inst),
-                                                            prior_loss_weight)
-            else:
-                inst_loss = F.mse_loss(preds[0].float(), targets[0].float())
-                cls_loss = F.mse_loss(preds[1].float(), targets[1].float())
-                loss = inst_loss + prior_loss_weight * cls_loss
+            if len(groups) == 1:  # the first len(inst) rows are instance images
+                n = len(inst)
+                preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
+            loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], preds[1],
+                                                        targets[1], prior_loss_weight)
             accelerator.backward(loss)
             sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
             micro += 1
