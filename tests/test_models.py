@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, FAST, read_training_json, untar
 from train import TrainConfig, UserError, run
-from train.models import build_builtin, build_tokenizer, load_pipeline
+from train.models import build_builtin, build_tokenizer, family, load_pipeline
 
 
 def test_random_sd15_is_sd15_sized():
@@ -25,6 +25,44 @@ def test_tiny_keeps_sd15_block_layout_and_is_seeded():
     assert len(a.unet.down_blocks) == 4 and len(a.unet.up_blocks) == 4
     assert len(a.vae.encoder.down_blocks) == 4
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_tiny_sd2_is_a_v_prediction_sd2_model():
+    pipe = build_builtin("tiny-sd2")
+    assert family(pipe) == "sd2"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.use_linear_projection and pipe.unet.config.upcast_attention
+    assert pipe.text_encoder.config.hidden_act == "gelu" and pipe.tokenizer.pad_token == "!"
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 768
+    assert len(pipe.unet.down_blocks) == 4 and len(pipe.unet.up_blocks) == 4
+
+
+def test_tiny_sdxl_has_two_text_encoders_and_is_seeded():
+    from diffusers import StableDiffusionXLPipeline
+
+    a, b = build_builtin("tiny-sdxl"), build_builtin("tiny-sdxl")
+    assert isinstance(a, StableDiffusionXLPipeline) and family(a) == "sdxl"
+    assert type(a.text_encoder).__name__ == "CLIPTextModel"
+    assert type(a.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert (a.text_encoder.config.hidden_act, a.text_encoder_2.config.hidden_act) == \
+        ("quick_gelu", "gelu")
+    assert a.tokenizer_2.pad_token == "!" and a.vae.config.force_upcast
+    assert a.unet.config.cross_attention_dim == \
+        a.text_encoder.config.hidden_size + a.text_encoder_2.config.hidden_size
+    assert [type(block).__name__ for block in a.unet.down_blocks] == \
+        ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        pairs = zip(getattr(a, name).state_dict().values(), getattr(b, name).state_dict().values())
+        assert all(torch.equal(x, y) for x, y in pairs), name
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl"])
+def test_new_builtins_generate(name):
+    """Their conditioning widths fit together: SDXL's pooled and size embeddings included."""
+    pipe = load_pipeline(name, "cpu")
+    images = pipe("a photo of sks dog", height=64, width=64, num_inference_steps=1,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 64, 64) and bool(images.isfinite().all())
 
 
 def test_tokenizer_handles_any_text():

@@ -1,14 +1,22 @@
-"""Base models: load a diffusers folder, or build a built-in model in code.
+"""Base models: load a diffusers folder or a single-file checkpoint, or build a built-in model.
 
 Built-in names (no download, random weights fixed by a seed):
   tiny         Stable Diffusion 1.5's block layout at toy widths; builds in about a second,
                trains at tens of steps per second on a CPU. For trials and tests.
+  tiny-sd2     SD 2.x (768 px, v-prediction) at toy widths: OpenCLIP-style gelu text encoder,
+               linear projections in the UNet, SD 2.1's DDIM scheduler.
+  tiny-sdxl    SDXL at toy widths: three UNet levels, two text encoders (CLIP-L and
+               bigG-style with projection), text_time conditioning, SDXL's Euler scheduler.
   random-sd15  The full-size SD 1.5 architecture (860 M UNet, CLIP-L text encoder, full VAE).
                Speed and memory are those of the real model: for GPU benchmarks.
 
     python -c "from train.models import load_pipeline; print(load_pipeline('tiny', 'cpu'))"
 
-Both use a small offline CLIP-style BPE tokenizer (byte-level alphabet plus whole-word merges
+A single-file `.safetensors` checkpoint loads with diffusers' `from_single_file`, taking its
+configs and tokenizers from `config_folder`, a diffusers folder of the same family (in production
+the `weights/` folder that script/download-weights fills).
+
+All use a small offline CLIP-style BPE tokenizer (byte-level alphabet plus whole-word merges
 for common prompt words); it is the only part diffusers would otherwise download.
 """
 
@@ -21,79 +29,172 @@ import torch
 
 from .config import UserError
 
-BUILTIN = ("tiny", "random-sd15")
 TOKENIZER_WORDS = (
     "a an the photo picture image of in on at with and wearing sks zwx ohwx person man woman "
     "dog cat toy bag backpack can clock bowl shoe glasses plushie vase sneaker teapot boot car "
     "red green blue yellow white black beach snow city forest background style painting").split()
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
 
-def load_pipeline(model: str, device: torch.device | str):
-    """A StableDiffusionPipeline in fp32 on `device`, safety checker off, from local files only."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline in fp32 on `device`, safety checker
+    off, from local files only. `config_folder` is needed (and only used) for a single file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    check_model(model)
+    kind = check_model(model, config_folder)
     if model in BUILTIN:
         pipe = build_builtin(model, device)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True)
+        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        options = dict(torch_dtype=torch.float32, local_files_only=True)
+        if kind != "sdxl":  # SDXL has no safety checker; naming one there only draws a warning
+            options.update(safety_checker=None, feature_extractor=None,
+                           requires_safety_checker=False)
+        if Path(model).is_dir():
+            pipe = cls.from_pretrained(model, **options)
+        else:
+            pipe = cls.from_single_file(model, config=str(config_folder), **options)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def check_model(model: str) -> None:
-    """Refuse a model that cannot load, in a millisecond and before anything is imported."""
+def check_model(model: str, config_folder: str | None = None) -> str:
+    """Refuse a model that cannot load, in milliseconds and before any weights are read; return
+    its family ("sd1", "sd2" or "sdxl"). A single file is recognised by its key names alone."""
     if model in BUILTIN:
-        return
+        return BUILTIN[model][0]
     path = Path(model)
     if not path.exists():
         raise UserError(
             f"model {model!r} not found: run script/download-weights to fetch Stable "
-            f"Diffusion 1.5 into weights/, or pass a diffusers folder or a built-in name "
-            f"({', '.join(BUILTIN)})")
+            f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
+            f"or a built-in name ({', '.join(BUILTIN)})")
+    if path.is_dir():
+        return _folder_family(path, "model")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(
+            f"model {model!r} is a pickle checkpoint, which is not loaded here (unpickling can "
+            f"run code): convert it to .safetensors, e.g. safetensors.torch.save_file("
+            f"torch.load(path, weights_only=True)['state_dict'], 'model.safetensors')")
+    kind = _file_family(path)
+    if config_folder is None:
+        raise UserError(
+            f"model {model!r} is a single-file {FAMILY_NAMES[kind]} checkpoint and needs a "
+            f"config folder: pass a diffusers folder of the same family (e.g. weights/ as "
+            f"script/download-weights fills it) for its configs and tokenizer")
+    folder_kind = _folder_family(Path(config_folder), "config folder")
+    if folder_kind != kind:
+        raise UserError(
+            f"model {model!r} is an {FAMILY_NAMES[kind]} checkpoint but config folder "
+            f"{str(config_folder)!r} is {FAMILY_NAMES[folder_kind]}: pass a config folder of the "
+            f"same family")
+    return kind
+
+
+def family(pipe) -> str:
+    """"sd1", "sd2" or "sdxl" for a loaded pipeline (the rule is `_family`'s)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return _family(isinstance(pipe, StableDiffusionXLPipeline), pipe.text_encoder.config.hidden_act,
+                   pipe.unet.config.use_linear_projection)
+
+
+def _family(xl: bool, text_act: str | None, linear_projection: bool | None) -> str:
+    # SD 2.x replaced CLIP-L (quick_gelu) by OpenCLIP-H (gelu) and the UNet's 1x1-conv attention
+    # projections by linear ones; no SD 1.x model has either, so either one marks SD 2.x. The
+    # text encoder also decides the single-file layout (CLIP or OpenCLIP keys).
+    if xl:
+        return "sdxl"
+    return "sd2" if text_act == "gelu" or linear_projection else "sd1"
+
+
+def _folder_family(path: Path, what: str) -> str:
+    """Check that `path` is a diffusers SD or SDXL folder and read its family from the configs."""
+    if not path.is_dir():
+        raise UserError(f"{what} {str(path)!r} not found: pass a diffusers folder")
     index = path / "model_index.json"
     if not index.is_file():
-        raise UserError(f"model {model!r} is not a diffusers folder (no model_index.json); "
-                        f"single-file checkpoints are not supported yet")
+        raise UserError(f"{what} {str(path)!r} is not a diffusers folder (no model_index.json): "
+                        f"pass the pipeline's top folder, or a single-file .safetensors checkpoint")
+    kind = _read_json(index, what).get("_class_name")
+    if kind not in PIPELINES:
+        raise UserError(f"{what} {str(path)!r} is a {kind}; only Stable Diffusion 1.x/2.x/XL "
+                        f"({', '.join(sorted(PIPELINES))}) models are supported")
+    text = _read_json(path / "text_encoder" / "config.json", what)
+    unet = _read_json(path / "unet" / "config.json", what)
+    return _family(kind == "StableDiffusionXLPipeline", text.get("hidden_act"),
+                   unet.get("use_linear_projection"))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        return {}  # a folder missing a config fails to load later, with diffusers' own message
     try:
-        kind = json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"model {model!r}: model_index.json is not valid JSON ({e})") from None
-    if kind != "StableDiffusionPipeline":
-        raise UserError(f"model {model!r} is a {kind}; only Stable Diffusion 1.x/2.x "
-                        f"(StableDiffusionPipeline) models are supported")
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: {path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _file_family(path: Path) -> str:
+    """The family of a single-file checkpoint, from its key names (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .single_file import checkpoint_family
+
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"model {str(path)!r} is neither a diffusers folder nor a .safetensors "
+                        f"checkpoint")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"model {str(path)!r} is not a readable .safetensors file ({e})") from None
+    kind = checkpoint_family(keys)
+    if kind is None:
+        raise UserError(f"model {str(path)!r} is not a Stable Diffusion checkpoint (no SD 1.x, "
+                        f"2.x or XL UNet and text encoder keys): pass a full SD checkpoint, a "
+                        f"diffusers folder or a built-in name")
+    return kind
 
 
 def build_builtin(name: str, device: torch.device | str = "cpu"):
-    """Build `tiny` or `random-sd15` in code, with weights fixed by seed 0."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+    """Build a built-in model (see BUILTIN) in code, with weights fixed by seed 0."""
+    import diffusers
+    from diffusers import (AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet_cfg, vae_cfg, text_cfg = (TINY if name == "tiny" else SD15)
-    tokenizer = build_tokenizer()
-    text_cfg = dict(text_cfg, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if name == "tiny":
-        text_cfg["vocab_size"] = len(tokenizer)
+    kind, unet_cfg, vae_cfg, *text_cfgs = BUILTIN[name]
+    # OpenCLIP's tokenizer (SD 2.x, SDXL's second) pads with "!", CLIP-L's with its end token.
+    tokenizers = [build_tokenizer("!" if cfg["hidden_act"] == "gelu" else "<|endoftext|>")
+                  for cfg in text_cfgs]
+    text_cfgs = [dict({"vocab_size": len(tok)}, **cfg, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                 for cfg, tok in zip(text_cfgs, tokenizers)]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    # SD 1.5's own scheduler settings; training uses DDPM with the same betas.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                              set_alpha_to_one=False)
+        # SDXL's second encoder is the one with a projection (its pooled output conditions too).
+        encoders = [cls(CLIPTextConfig(**cfg)) for cls, cfg in
+                    zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs)]
+    scheduler_class, scheduler_cfg = SCHEDULERS[kind]
+    scheduler = getattr(diffusers, scheduler_class)(**scheduler_cfg)
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+            tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
 
 
-def build_tokenizer():
+def build_tokenizer(pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer built offline: CLIP's byte alphabet, each byte also as a word end
     (`x</w>`), and merges that make each of TOKENIZER_WORDS one token. Any text tokenizes."""
     from transformers import CLIPTokenizer
@@ -111,7 +212,7 @@ def build_tokenizer():
             symbols = [pair[0] + pair[1]] + symbols[2:]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def _byte_alphabet() -> list[str]:
@@ -123,25 +224,53 @@ def _byte_alphabet() -> list[str]:
 
 
 # (UNet, VAE, CLIP text) configs. `tiny` keeps SD 1.5's four down and four up blocks and two
-# layers per block so that exporters keyed on that layout can be tested on it.
+# layers per block so that exporters keyed on that layout can be tested on it. `tiny-sd2` and
+# `tiny-sdxl` keep their real model's structure (blocks, heads per block, projections,
+# conditioning) at widths of 32-64, and its default image size (768 px, 1024 px).
+TINY_VAE = dict(sample_size=128, in_channels=3, out_channels=3, latent_channels=4,
+                layers_per_block=2, block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+                scaling_factor=0.18215, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
+SD15_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 TINY = (
     dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
          block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-         attention_head_dim=4,
-         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    dict(sample_size=128, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-         block_out_channels=(16, 32, 32, 32), norm_num_groups=8, scaling_factor=0.18215,
-         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-    dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-         max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu"),
+         attention_head_dim=4, **SD15_BLOCKS),
+    TINY_VAE,
+    TINY_CLIP,
+)
+# SD 2.x: `attention_head_dim` is really the number of heads in diffusers (SD 2: 5, 10, 20, 20
+# heads of 64 channels); here heads of 16 channels. SD 2.1 upcasts attention to fp32.
+TINY_SD2 = (
+    dict(TINY[0], sample_size=96, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
+         upcast_attention=True),
+    dict(TINY_VAE, sample_size=768),
+    dict(TINY_CLIP, hidden_act="gelu"),
+)
+# SDXL: a level without attention, then two with 2 transformer layers (real: 2 and 10); the UNet
+# attends to both encoders' hidden states side by side (32 + 64) and is conditioned on the second
+# encoder's pooled projection (32) plus six size/crop numbers of 8 Fourier features each.
+TINY_SDXL = (
+    dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+         block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=96,
+         transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4),
+         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+         projection_class_embeddings_input_dim=32 + 6 * 8,
+         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    dict(TINY_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    TINY_CLIP,
+    # Wider than the first encoder, as bigG (1280) is than CLIP-L (768): diffusers' single-file
+    # loader tells SDXL's two encoders apart by their widths.
+    dict(TINY_CLIP, hidden_size=64, intermediate_size=128, hidden_act="gelu"),
 )
 SD15 = (
     dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
          block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, cross_attention_dim=768,
-         attention_head_dim=8,
-         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+         attention_head_dim=8, **SD15_BLOCKS),
     dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
          block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
@@ -149,3 +278,17 @@ SD15 = (
          num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
          hidden_act="quick_gelu"),
 )
+BUILTIN = {"tiny": ("sd1", *TINY), "tiny-sd2": ("sd2", *TINY_SD2),
+           "tiny-sdxl": ("sdxl", *TINY_SDXL), "random-sd15": ("sd1", *SD15)}
+# Each family's scheduler as its reference model ships it (SD 1.5, SD 2.1-768, SDXL base).
+# Training builds DDPM from the same config, so the betas and prediction type carry over.
+SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     num_train_timesteps=1000, steps_offset=1)
+SCHEDULERS = {
+    "sd1": ("PNDMScheduler", dict(SCALED_LINEAR, skip_prk_steps=True, set_alpha_to_one=False)),
+    "sd2": ("DDIMScheduler", dict(SCALED_LINEAR, clip_sample=False, set_alpha_to_one=False,
+                                  prediction_type="v_prediction")),
+    "sdxl": ("EulerDiscreteScheduler", dict(SCALED_LINEAR, interpolation_type="linear",
+                                            prediction_type="epsilon", timestep_spacing="leading",
+                                            use_karras_sigmas=False)),
+}
