@@ -1,0 +1,273 @@
+"""LoRA for DreamBooth: add adapters, save them for diffusers and for AUTOMATIC1111/ComfyUI,
+extract one from a full fine-tune, merge adapters back into plain weights.
+
+Training with adapters (the base weights stay frozen; only the returned parameters train):
+
+    params = add_lora(pipe.unet, rank=8, alpha=8, kind="unet")
+    params += add_lora(pipe.text_encoder, rank=8, alpha=8, kind="text_encoder")  # optional
+    ... train `params`, unwrap the models from accelerate ...
+    save_lora(pipe, folder, torch.float16)   # folder/lora/pytorch_lora_weights.safetensors
+                                             # folder/lora.safetensors (kohya layout)
+    merge_lora(pipe)                         # plain full-weight pipeline, for save_pipeline
+
+Loading what save_lora wrote, anywhere:
+    diffusers   pipe.load_lora_weights(folder / "lora")
+                pipe.load_lora_weights(folder, weight_name="lora.safetensors")  # kohya file too
+    A1111       copy lora.safetensors to models/Lora, prompt with <lora:lora:1>
+    ComfyUI     copy lora.safetensors to models/loras, use a LoraLoader node
+
+From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}   # before training
+    ... full fine-tune ...
+    lora = extract_lora(base, pipe.unet, rank=32, kind="unet")
+    lora |= extract_lora(base_te, pipe.text_encoder, rank=32, kind="text_encoder")
+    save_kohya(lora, path, torch.float16, base_model_version="sd_v1", rank=32, alpha=32)
+    extraction_error(base, pipe.unet, lora, "unet", noisy, timesteps, states)  # 0 = exact
+
+Targets (UNET_TARGETS, TEXT_TARGETS) are those of kohya's sd-scripts LoRA, the one A1111 and
+ComfyUI users know: every Linear and 1x1 conv inside the UNet's transformer blocks (attention
+q/k/v/out, the GEGLU feed-forward, proj_in/proj_out) and the text encoder's attention and MLP.
+diffusers' own train_dreambooth_lora adapts only the attention (q/k/v/out): fewer parameters,
+but the feed-forward (about half of a transformer block's weights) then cannot change at all.
+proj_in/proj_out are 1x1 Conv2d in SD 1.x and Linear in SD 2.x and SDXL (use_linear_projection):
+peft adapts both kinds under the same name, and the kohya layout gives a conv's lora_down and
+lora_up 4-D shapes. The resnets' 3x3 convs (kohya's optional "conv_dim", LoCon) are left out of
+training; extract_lora can cover them (UNET_RESNET_TARGETS).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                "ff.net.0.proj", "ff.net.2")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# The rest of the UNet's weights, for a LoCon-style extraction (3x3 convs, time embedding).
+UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
+                       "downsamplers.0.conv", "upsamplers.0.conv")
+TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
+ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, kind: str) -> list[nn.Parameter]:
+    """Inject LoRA adapters into a UNet (`kind="unet"`) or a CLIP text encoder
+    (`kind="text_encoder"`, CLIPTextModel or CLIPTextModelWithProjection), freeze every other
+    weight, and return the trainable LoRA parameters (in fp32, whatever the base dtype).
+
+    The applied change is alpha/rank · B @ A; B starts at zero, so the model is unchanged until
+    the first step. Call before accelerator.prepare."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                 target_modules=list(TARGETS[kind])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Adapters are trained in fp32 even when the frozen base was cast to fp16/bf16 to save
+    # memory: fp16 parameters cannot take an optimizer step (and GradScaler refuses them).
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
+    """Write the pipeline's LoRA adapters (those of add_lora: peft adapter "default") in `dtype`:
+      "diffusers": folder/lora/pytorch_lora_weights.safetensors, via the pipeline class's
+                   save_lora_weights, with the adapter config in its metadata (so alpha ≠ rank
+                   survives); read by pipe.load_lora_weights(folder / "lora").
+      "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111 and ComfyUI read
+                   (SD 1.x/2.x only: for SDXL only the diffusers file is written, for now).
+    Returns {layout: path} for the files written. The models must be unwrapped from accelerate."""
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    kwargs = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None and ADAPTER in (getattr(model, "peft_config", None) or {}):
+            # peft's own key names (lora_A/lora_B), which diffusers loads as they are. Not
+            # diffusers' convert_state_dict_to_diffusers as its DreamBooth script does: that
+            # renames only the attention keys, and with feed-forward and proj_in/out adapters
+            # the mixed file loads with the attention LoRA silently dropped.
+            state = get_peft_model_state_dict(model)
+            kwargs[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[ADAPTER].to_dict()
+    if "unet_lora_layers" not in kwargs:
+        raise ValueError("the pipeline's UNet has no LoRA adapter (see add_lora)")
+    type(pipe).save_lora_weights(folder / "lora", **kwargs)
+    written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
+
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return written  # SDXL: its kohya names follow the SGM UNet; not written yet.
+    lora = kohya_state_dict(pipe.unet, "unet")
+    if pipe.text_encoder is not None:
+        lora |= kohya_state_dict(pipe.text_encoder, "text_encoder")
+    config = pipe.unet.peft_config[ADAPTER]
+    save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe),
+               config.r, config.lora_alpha,
+               v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
+    written["kohya"] = folder / "lora.safetensors"
+    return written
+
+
+def kohya_version(pipe) -> str:
+    """kohya's ss_base_model_version for an SD 1.x or 2.x pipeline."""
+    from .models import family
+
+    return "sd_v2" if family(pipe) == "sd2" else "sd_v1"
+
+
+def kohya_name(module_name: str, kind: str) -> str:
+    """`down_blocks.0.attentions.0.proj_in` → `lora_unet_down_blocks_0_attentions_0_proj_in`;
+    `encoder.layers.0.self_attn.q_proj` → `lora_te_text_model_encoder_layers_0_self_attn_q_proj`
+    (transformers 5's CLIPTextModel dropped `text_model.`; the kohya name keeps it)."""
+    if kind == "unet":
+        return "lora_unet_" + module_name.replace(".", "_")
+    return "lora_te_text_model_" + module_name.removeprefix("text_model.").replace(".", "_")
+
+
+def kohya_state_dict(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The model's peft LoRA adapters in kohya layout: per module `.lora_down.weight` [r, in]
+    (a conv's [r, in, kh, kw]), `.lora_up.weight` [out, r] ([out, r, 1, 1]), `.alpha` (0-d)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
+            continue
+        key = kohya_name(name, kind)
+        out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach()
+        out[key + ".lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach()
+        # peft's scaling is alpha/r (or alpha/sqrt(r) with rsLoRA): kohya's alpha is scaling·r.
+        alpha = layer.scaling[ADAPTER] * layer.r[ADAPTER]
+        out[key + ".alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_kohya(lora: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
+               base_model_version: str, rank: int, alpha: float,
+               v_prediction: bool = False) -> Path:
+    """Write a kohya-layout state dict as safetensors in `dtype`, with kohya's metadata (A1111
+    shows it; ComfyUI reads only the `.alpha` tensors, never the metadata)."""
+    from safetensors.torch import save_file
+
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                "ss_network_alpha": str(alpha), "ss_base_model_version": base_model_version,
+                "ss_v2": str(base_model_version.startswith("sd_v2")),
+                "ss_v_parameterization": str(v_prediction)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in lora.items()},
+              str(path), metadata=metadata)
+    return Path(path)
+
+
+@torch.no_grad()
+def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
+                 targets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A kohya-layout LoRA of `rank` from a full fine-tune: per covered Linear/Conv2d, the
+    truncated SVD of (tuned weight - base[name + ".weight"]); convs (1x1 and 3x3) are flattened
+    to [out, in·kh·kw]. Modules whose difference is exactly zero are skipped; a rank above
+    min(out, in·kh·kw) is clipped to it; alpha = the module's rank, so the scale is 1. Runs in
+    fp32 on the module's device; the returned tensors are fp32 there (save_kohya casts).
+
+    Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
+    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora. Pass
+    `targets=UNET_TARGETS + UNET_RESNET_TARGETS` to also cover the resnets (kohya's LoCon).
+    diffusers' kohya reader (0.42) tells old from new text-encoder layouts by the presence of
+    out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
+    there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
+    targets = TARGETS[kind] if targets is None else targets
+    out = {}
+    for name, module in tuned.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not _matches(name, targets):
+            continue
+        weight = module.weight.float()
+        delta = weight - base[name + ".weight"].to(weight.device, torch.float32)
+        if not delta.any():
+            continue
+        flat = delta.flatten(1)
+        r = min(rank, *flat.shape)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        # The singular values are split evenly between up and down: both get the same
+        # magnitude, which keeps an fp16 copy of either away from overflow and underflow.
+        root = s[:r].sqrt()
+        up, down = u[:, :r] * root, root[:, None] * vh[:r]
+        if delta.dim() == 4:
+            up, down = up[:, :, None, None], down.reshape(r, *delta.shape[1:])
+        key = kohya_name(name, kind)
+        out[key + ".lora_down.weight"] = down.contiguous()
+        out[key + ".lora_up.weight"] = up.contiguous()
+        out[key + ".alpha"] = torch.tensor(float(r))
+    return out
+
+
+@torch.no_grad()
+def apply_kohya(model: nn.Module, lora: dict[str, torch.Tensor], kind: str) -> int:
+    """Add a kohya-layout LoRA's alpha/r · up @ down to a plain model's weights in place, as
+    A1111 and ComfyUI do. Returns the number of modules changed; a LoRA key that matches no
+    module of `model` (of this `kind`) is an error."""
+    done = set()
+    for name, module in model.named_modules():
+        key = kohya_name(name, kind)
+        if key + ".lora_down.weight" not in lora or not hasattr(module, "weight"):
+            continue
+        down, up = lora[key + ".lora_down.weight"], lora[key + ".lora_up.weight"]
+        scale = float(lora[key + ".alpha"]) / down.shape[0]
+        delta = scale * (up.flatten(1).float() @ down.flatten(1).float())
+        module.weight += delta.reshape(module.weight.shape).to(module.weight)
+        done.add(key)
+    prefix = "lora_unet_" if kind == "unet" else "lora_te_"
+    missing = {k.split(".")[0] for k in lora if k.startswith(prefix)} - done
+    if missing:
+        raise KeyError(f"{len(missing)} LoRA modules match nothing in the model, "
+                       f"e.g. {sorted(missing)[0]}")
+    return len(done)
+
+
+@torch.no_grad()
+def extraction_error(base: dict[str, torch.Tensor], tuned: nn.Module,
+                     lora: dict[str, torch.Tensor], kind: str, *inputs) -> float:
+    """How much of the fine-tune's effect on the output a LoRA misses:
+        |f_base+lora(x) - f_tuned(x)| / |f_tuned(x) - f_base(x)|   (0 = exact, 1 = no effect)
+    on the model's first output for `inputs`, e.g. (noisy latents, timesteps, text states) for
+    a UNet or (input_ids,) for a text encoder. Holds a second copy of the model meanwhile."""
+    approx = copy.deepcopy(tuned).eval()
+    approx.load_state_dict(base)
+    original = approx(*inputs)[0].float()
+    apply_kohya(approx, lora, kind)
+    got = approx(*inputs)[0].float()
+    want = tuned(*inputs)[0].float()
+    return float((got - want).norm() / (want - original).norm())
+
+
+def merge_lora(pipe) -> None:
+    """Merge every peft LoRA adapter of the pipeline's UNet and text encoders into the base
+    weights and replace the wrapped layers by the plain ones, in place: afterwards the pipeline
+    holds ordinary nn.Linear/nn.Conv2d modules and no peft_config, so save_pretrained (and a
+    single-file export) writes plain full weights with the LoRA baked in. Works for adapters
+    added by add_lora and for ones loaded with load_lora_weights. diffusers'
+    `pipe.fuse_lora(); pipe.unload_lora_weights()` gives the same result; this is the same
+    thing spelt out with peft alone. Merge in the dtype you export in or higher: merging into
+    fp16 weights rounds the sum to fp16."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        for module_name, layer in list(model.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge()
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer.get_base_layer())
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        model._hf_peft_config_loaded = False
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule for a target name: the whole module path, or its dotted suffix."""
+    return any(name == t or name.endswith("." + t) for t in targets)
