@@ -64,7 +64,7 @@ class Predictor(BasePredictor):
         max_train_steps: int = setting("max_train_steps"),
         gradient_accumulation_steps: int = setting("gradient_accumulation_steps"),
         gradient_checkpointing: bool = setting("gradient_checkpointing"),
-        learning_rate: float = setting("learning_rate"),
+        learning_rate: Optional[float] = setting("learning_rate"),
         scale_lr: bool = setting("scale_lr"),
         lr_scheduler: str = setting("lr_scheduler"),
         lr_warmup_steps: int = setting("lr_warmup_steps"),
@@ -84,11 +84,27 @@ class Predictor(BasePredictor):
         aspect_buckets: bool = setting("aspect_buckets"),
         folder_captions: bool = setting("folder_captions"),
         concepts: Optional[str] = setting("concepts"),
+        text_encoder_lr: Optional[float] = setting("text_encoder_lr"),
+        text_encoder_steps: int = setting("text_encoder_steps"),
+        offset_noise: float = setting("offset_noise"),
+        snr_gamma: float = setting("snr_gamma"),
+        use_ema: bool = setting("use_ema"),
+        ema_decay: float = setting("ema_decay"),
+        use_lora: bool = setting("use_lora"),
+        lora_rank: int = setting("lora_rank"),
+        lora_alpha: float = setting("lora_alpha"),
+        output_format: str = setting("output_format"),
+        save_precision: str = setting("save_precision"),
+        extract_lora: int = setting("extract_lora"),
+        sample_every: int = setting("sample_every"),
+        base_checkpoint: Optional[Path] = setting("base_checkpoint"),
+        resume: Optional[Path] = setting("resume"),
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}
         inputs["instance_data"] = str(instance_data)
-        inputs["class_data"] = str(class_data) if class_data else None
+        for name in ("class_data", "base_checkpoint", "resume"):  # optional files
+            inputs[name] = str(inputs[name]) if inputs[name] else None
         # Only the latest output is kept: the previous one has been delivered by now.
         shutil.rmtree(self.outputs, ignore_errors=True)
         os.makedirs(self.outputs)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,6 +52,24 @@ def untar(tar_path: Path, dest: Path) -> Path:
 
 def read_training_json(folder: Path) -> dict:
     return json.loads((folder / "training.json").read_text())
+
+
+def train_tiny(tmp_path, photos_zip, name="run", **overrides):
+    """Run the recipe on the tiny model; returns (untarred output folder, log lines)."""
+    lines = []
+    settings = dict(FAST, instance_data=str(photos_zip), instance_prompt="a photo of sks ball",
+                    class_prompt="a photo of a ball", output=str(tmp_path / f"{name}.tar"),
+                    work_dir=str(tmp_path / f"{name}-work"))
+    from train import TrainConfig, run
+
+    config = TrainConfig(**{**settings, **overrides})
+    tar = run(config, log=lines.append)
+    assert list((tmp_path / f"{name}-work").iterdir()) == [], "work directory left behind"
+    return untar(tar, tmp_path / name), lines
+
+
+def unet_weights(folder) -> dict:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.fixture

@@ -29,6 +29,10 @@ def valid(**overrides):
 def test_replicate_defaults_kept():
     config = valid()
     for name, default in REPLICATE_DEFAULTS.items():
+        if name == "learning_rate":  # unset means 1e-6 for a full fine-tune, 1e-4 for LoRA
+            assert config.learning_rate is None and config.base_lr() == default
+            assert valid(use_lora=True).base_lr() == 1e-4
+            continue
         assert getattr(config, name) == default, name
     assert len(REPLICATE_DEFAULTS) + len(REPLICATE_REQUIRED) == 33
 

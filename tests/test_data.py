@@ -5,7 +5,7 @@ import random
 import torch
 from PIL import Image
 
-from train.data import batch_indices, epoch_pairs, image_tensor
+from train.data import epoch_batches, epoch_pairs, image_tensor
 from train.intake import Example
 from train.models import build_builtin
 from train.sampling import generate
@@ -38,10 +38,10 @@ def examples(*concepts):
 
 def test_batches_cover_every_pair_each_epoch():
     pairs = epoch_pairs(examples(0, 0, 0), examples(0, 0, 0, 0, 0))
-    batches = batch_indices(pairs, 2, torch.Generator().manual_seed(0))
+    batches = epoch_batches(pairs, 2, torch.Generator().manual_seed(0))
+    assert len(batches) == 3  # ceil(5 / 2)
     inst, cls = [], []
-    for _ in range(3):  # one epoch: ceil(5 / 2) batches
-        i, c = next(batches)
+    for i, c in batches:
         inst += i
         cls += c
     assert sorted(cls) == [0, 1, 2, 3, 4]  # every class image once

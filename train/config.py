@@ -24,6 +24,13 @@ from PIL import ImageColor
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup"]
 MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
+# Any combination of the three formats, in one canonical order (Cog shows these as a menu).
+OUTPUT_FORMATS = ["auto", "diffusers", "single_file", "lora", "diffusers,single_file",
+                  "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"]
+SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
+# Learning rates when none is given: full fine-tuning moves every weight a little, a LoRA's
+# few weights need steps about 100 times larger.
+FULL_LR, LORA_LR = 1e-6, 1e-4
 POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
 
 
@@ -118,8 +125,19 @@ class TrainConfig:
         False, "Recompute activations in the backward pass: less memory, about 30% slower")
 
     # --- Model and optimizer ----------------------------------------------------------------
+    base_checkpoint: str | None = setting(
+        None, "A single-file .safetensors checkpoint to fine-tune (e.g. a community fine-tune "
+              "of the base model); it must be of the base model's family, whose configs and "
+              "tokenizer it uses")
     train_text_encoder: bool = setting(True, "Fine-tune the text encoder as well as the UNet")
-    learning_rate: float = setting(1e-6, "Learning rate (before scale_lr)", ge=0.0, le=1.0)
+    learning_rate: float | None = setting(
+        None, f"Learning rate before scale_lr (default {FULL_LR:g}, or {LORA_LR:g} with "
+              f"use_lora)", ge=0.0, le=1.0)
+    text_encoder_lr: float | None = setting(
+        None, "Learning rate of the text encoder (default: learning_rate)", ge=0.0, le=1.0)
+    text_encoder_steps: int = setting(
+        0, "Train the text encoder for the first N steps only, then freeze it (0 = every step)",
+        ge=0, le=1000000)
     scale_lr: bool = setting(
         False, "Multiply the learning rate by train_batch_size x gradient_accumulation_steps")
     lr_scheduler: str = setting(
@@ -138,11 +156,60 @@ class TrainConfig:
     adam_epsilon: float = setting(1e-8, "AdamW epsilon", ge=0.0, le=1.0)
     max_grad_norm: float = setting(
         1.0, "Clip the gradient norm to this value (0 = no clipping)", ge=0.0, le=1000.0)
+    offset_noise: float = setting(
+        0.0, "Offset noise: a per-channel constant added to the noise, so the model can learn "
+             "very dark and very bright images (0.05-0.1 is usual; 0 = off)", ge=0.0, le=1.0)
+    snr_gamma: float = setting(
+        0.0, "Min-SNR loss weighting with this gamma (5 is the paper's value; 0 = off): "
+             "down-weights the easy low-noise timesteps", ge=0.0, le=1000.0)
+    use_ema: bool = setting(
+        False, "Export an exponential moving average of the UNet weights (smoother; holds a "
+               "second copy of the UNet in memory)")
+    ema_decay: float = setting(
+        0.9999, "Decay of the EMA (warmed up as (1+n)/(10+n) over the first steps)",
+        ge=0.0, le=1.0)
     mixed_precision: str = setting(
         "auto", "Precision of the forward pass on GPU: auto (bf16 where supported, else fp16), "
                 "fp16, bf16 or no; always fp32 on CPU", choices=MIXED_PRECISION)
     seed: int = setting(1337, "Seed for everything random: the same seed gives the same weights",
                         ge=0, le=2**32 - 1)
+
+    # --- LoRA -------------------------------------------------------------------------------
+    use_lora: bool = setting(
+        False, "Train LoRA adapters instead of every weight: a file of a few MB, less memory "
+               "(the text encoder gets adapters too when train_text_encoder)")
+    lora_rank: int = setting(16, "Rank of the LoRA adapters", ge=1, le=1024)
+    lora_alpha: float = setting(
+        16.0, "LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank",
+        ge=0.0, le=10000.0)
+
+    # --- Output -----------------------------------------------------------------------------
+    output_format: str = setting(
+        "auto", "What to write: diffusers (a folder diffusers loads), single_file (one "
+                ".safetensors that AUTOMATIC1111 and ComfyUI load), lora (LoRA files, in "
+                "diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora",
+        choices=OUTPUT_FORMATS)
+    save_precision: str = setting("fp16", "Precision of the saved weights",
+                                  choices=SAVE_PRECISIONS)
+    extract_lora: int = setting(
+        0, "Also write a LoRA of this rank extracted from the full fine-tune (0 = none)",
+        ge=0, le=1024)
+
+    # --- Checkpoints and samples during training --------------------------------------------
+    sample_every: int = setting(
+        0, "Also render the sample images every N steps, into samples/step-N/ (0 = only at "
+           "the end; needs save_sample_prompt)", ge=0, le=1000000)
+    resume: str | None = setting(
+        None, "Resume an interrupted run from a checkpoint: a checkpoint folder (or the folder "
+              "of checkpoints: the latest one is taken), or a tarball of one")
+    checkpointing_steps: int = setting(
+        0, "Save the full training state every N steps, so that a run can be resumed (0 = "
+           "never)", ge=0, le=1000000, cog=False)
+    checkpoints_total_limit: int = setting(
+        2, "Keep only the latest N checkpoints (0 = keep all)", ge=0, le=100000, cog=False)
+    checkpoint_dir: str | None = setting(
+        None, "Folder of checkpoints (default: next to output, named after it with "
+              "-checkpoints)", cog=False)
 
     # --- Progress ---------------------------------------------------------------------------
     log_every: int = setting(
@@ -161,8 +228,9 @@ class TrainConfig:
         100, "Largest image accepted, in megapixels (read from its header, before decoding)",
         ge=1, le=170, cog=False)  # Pillow itself refuses more than 179 Mpx
     model: str = setting(
-        "weights", "Base model: a diffusers folder, or a built-in name (tiny, random-sd15); Cog "
-                   "reads BASE_MODEL", cog=False)
+        "weights", "Base model: a diffusers folder, a single-file .safetensors checkpoint (its "
+                   "configs and tokenizer come from weights/), or a built-in name (tiny, "
+                   "tiny-sd2, tiny-sdxl, random-sd15); Cog reads BASE_MODEL", cog=False)
     output: str | None = setting(None, "Path of the output tarball (.tar)", cog=False)
     work_dir: str | None = setting(
         None, "Folder in which a temporary work folder is made and removed at the end "
@@ -192,9 +260,19 @@ class TrainConfig:
             if getattr(self, name) >= 1:
                 raise UserError(f"{name} must be below 1 (got {getattr(self, name)}); "
                                 f"0.9 and 0.999 are the usual values")
-        if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_END_LR:
+        if self.lr_scheduler == "polynomial" and self.base_lr() <= POLYNOMIAL_END_LR:
             raise UserError(f"the polynomial schedule decays to {POLYNOMIAL_END_LR}: "
-                            f"learning_rate must be above that (got {self.learning_rate})")
+                            f"learning_rate must be above that (got {self.base_lr()})")
+        formats = self.formats()
+        if "lora" in formats and not self.use_lora and not self.extract_lora:
+            raise UserError("output_format lora needs a LoRA: set use_lora to true, or "
+                            "extract_lora to a rank (e.g. 64) to extract one from the full "
+                            "fine-tune")
+        if self.extract_lora and self.use_lora:
+            raise UserError("extract_lora extracts a LoRA from a full fine-tune; with use_lora "
+                            "the trained LoRA itself is written: set extract_lora to 0")
+        if self.sample_every and not self.save_sample_prompt:
+            raise UserError("sample_every renders the sample prompt: set save_sample_prompt too")
         try:
             ImageColor.getrgb(self.alpha_background)
         except ValueError:
@@ -206,6 +284,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def base_lr(self) -> float:
+        """The learning rate before scale_lr: the user's, else the default for the method."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LORA_LR if self.use_lora else FULL_LR
+
+    def model_source(self) -> tuple[str, str | None]:
+        """(the model to load, the diffusers folder giving a single file its configs)."""
+        if self.base_checkpoint:
+            return self.base_checkpoint, self.model
+        if self.model.lower().endswith(".safetensors"):
+            return self.model, "weights"
+        return self.model, None
+
+    def formats(self) -> list[str]:
+        """The output formats to write, "auto" resolved."""
+        if self.output_format == "auto":
+            formats = ["lora"] if self.use_lora else ["diffusers"]
+        else:
+            formats = self.output_format.split(",")
+        return formats + ["lora"] if self.extract_lora and "lora" not in formats else formats
 
 
 @dataclass

@@ -150,23 +150,22 @@ def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:
     return pairs
 
 
-def batch_indices(pairs: list[tuple], batch_size: int, generator: torch.Generator,
-                  shapes: list | None = None):
-    """Endless (instance indices, class indices) batches: each epoch the pairs, shuffled. With
-    `shapes` (one per instance image), a batch holds instance images of one shape only."""
-    while True:
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        groups: dict = {}
-        for i in order:
-            groups.setdefault(shapes[pairs[i][0]] if shapes else None, []).append(pairs[i])
-        batches = [group[start:start + batch_size] for group in groups.values()
-                   for start in range(0, len(group), batch_size)]
-        if len(groups) > 1:  # interleave the shapes across the epoch
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-        for chunk in batches:
-            yield [i for i, _ in chunk], [c for _, c in chunk if c is not None]
+def epoch_batches(pairs: list[tuple], batch_size: int, generator: torch.Generator,
+                  shapes: list | None = None) -> list[tuple[list, list]]:
+    """One epoch of (instance indices, class indices) batches: the pairs, shuffled. With
+    `shapes` (one per instance image), a batch holds instance images of one shape only.
+    A plain list, so that a checkpoint can store the batches an epoch has left."""
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    groups: dict = {}
+    for i in order:
+        groups.setdefault(shapes[pairs[i][0]] if shapes else None, []).append(pairs[i])
+    batches = [group[start:start + batch_size] for group in groups.values()
+               for start in range(0, len(group), batch_size)]
+    if len(groups) > 1:  # interleave the shapes across the epoch
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    return [([i for i, _ in chunk], [c for _, c in chunk if c is not None]) for chunk in batches]
 
 
 def steps_per_epoch(n_pairs: int, batch_size: int, accumulation: int) -> int:
-    """Optimizer steps in one epoch of `batch_indices`."""
+    """Optimizer steps in one epoch of `epoch_batches`."""
     return math.ceil(math.ceil(n_pairs / batch_size) / accumulation)

@@ -1,7 +1,8 @@
 """The DreamBooth recipe, top to bottom: `run(config)` turns photos into a tarball of weights.
 
     intake -> checks and dataset summary -> load base model -> top up class images ->
-    cache latents (and text embeddings) -> train -> samples -> export -> tarball
+    cache latents (and text embeddings) -> train (checkpoints, samples) -> samples ->
+    export (diffusers folder, single file, LoRA) -> tarball
 
 Every check of the user's input happens before the model loads. The work directory is removed
 at the end, whether the run succeeded or not. The front doors (`python -m train`, predict.py)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from . import data as data_mod
 from .config import Concept, TrainConfig, UserError, concepts_of
 from .export import save_images, save_pipeline, versions, write_json, write_tar
@@ -74,7 +77,17 @@ def run(config: TrainConfig, log=print) -> Path:
                                         [c.folder for c in concepts], limits)
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
-    check_model(config.model)
+    if check_model(*config.model_source()) == "sdxl":
+        raise UserError("SDXL models load but cannot be trained yet: use an SD 1.x or 2.x model")
+    key = resume_meta = None
+    if config.resume or config.checkpointing_steps:
+        key = checkpoint.data_key(instance + classes)
+    if config.resume:
+        resume_meta = checkpoint.read_meta(config.resume)
+        checkpoint.check_resumable(resume_meta, config, key)
+        n_generate = [0] * len(concepts)  # the checkpoint has them
+    if config.checkpointing_steps:
+        check_writable(str(checkpoint.default_dir(config) / "x"), config.work_dir)
     plan = make_plan(config, concepts, instance)
     for line in dataset_summary(config, concepts, instance, inst_skipped, classes, cls_skipped,
                                 n_generate, plan):
@@ -87,20 +100,19 @@ def run(config: TrainConfig, log=print) -> Path:
     work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir))
     try:
         return _train_and_export(config, concepts, plan, instance, inst_skipped, classes,
-                                 cls_skipped, n_generate, work, timings, phase, log)
+                                 cls_skipped, n_generate, key, work, timings, phase, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, cls_skipped,
-                      n_generate, work, timings, phase, log):
+                      n_generate, key, work, timings, phase, log):
     _quiet_libraries()
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     from .intake import Example
-    from .loop import train
+    from .loop import Diverged, LoopState, train
     from .models import load_pipeline
     from .sampling import generate
 
@@ -112,16 +124,24 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     mode = "fp32" if precision == "no" else f"{precision} mixed precision"
-    log(f"model: loading {config.model} on {device} ({mode})")
-    pipe = load_pipeline(config.model, device)
+    model, model_config = config.model_source()
+    log(f"model: loading {model} on {device} ({mode})")
+    pipe = load_pipeline(model, device, model_config)
+    resumed = checkpoint.materialize(config.resume, work) if config.resume else None
     phase("load_model")
 
-    # 2. Top up class images with the base model itself (before any weight changes).
-    # On a GPU the pipeline runs under autocast: fp32 weights stay exact for training.
+    # 2. Top up class images with the base model itself (before any weight changes), or take
+    # them from the checkpoint being resumed. On a GPU the pipeline runs under autocast: fp32
+    # weights stay exact for training.
     def half():
         return (torch.autocast("cuda", dtype=weight_dtype) if precision != "no"
                 else contextlib.nullcontext())
 
+    generated = []
+    if resumed:
+        generated = _checkpoint_class_images(resumed, concepts)
+        log(f"resume: {resumed} (step {json.loads((resumed / 'state.json').read_text())['step']}"
+            f", {len(generated)} class images from it)")
     for k, (concept, count) in enumerate(zip(concepts, n_generate)):
         if count <= 0:
             continue
@@ -131,74 +151,106 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
                             steps=config.class_infer_steps, guidance=7.5, seed=config.seed + k,
                             resolution=config.resolution, label="class images", log=log)
         folder = f"generated/{k}" if len(concepts) > 1 else "generated"
-        classes += [Example(f"{folder}/{i:04d}.png", concept.class_prompt, im.size, im,
-                            concept=k) for i, im in enumerate(made)]
+        generated += [Example(f"{folder}/{i:04d}.png", concept.class_prompt, im.size, im,
+                              concept=k) for i, im in enumerate(made)]
+    classes += generated
     phase("class_images")
 
     # 3. Cache latents once; and text embeddings too when the text encoder stays frozen.
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     vae.requires_grad_(False).to(dtype=weight_dtype)
-    text_encoder.requires_grad_(config.train_text_encoder)
+    text_encoder.requires_grad_(False)
     data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
                             config.resolution, config.center_crop,
                             cache_embeddings=not config.train_text_encoder, seed=config.seed,
                             flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
     phase("cache")
 
-    # 4. Train.
+    # 4. Train: all UNet weights (and the text encoder's), or LoRA adapters on them.
+    base_weights = _base_weights(pipe, config) if config.extract_lora else None
+    unet_params, text_params = _trainable(unet, text_encoder, config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             text_encoder.activation_checkpointing_enable()  # transformers 5 name
-    params = list(unet.parameters())
-    if config.train_text_encoder:
-        params += list(text_encoder.parameters())
-    adam = dict(lr=plan["learning_rate"], betas=(config.adam_beta1, config.adam_beta2),
-                weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    if config.use_8bit_adam:
-        optimizer = _bitsandbytes_adamw()(params, **adam)
-    else:  # fused: one kernel for all tensors, 4x faster than the per-tensor loop on a CPU
-        optimizer = torch.optim.AdamW(params, fused=True, **adam)
-    lr_scheduler = get_scheduler(plan["lr_scheduler"], optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=plan["steps"],
-                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    params = unet_params + text_params
+    optimizer = _optimizer(config, plan, unet_params, text_params)
+    lr_scheduler = _lr_scheduler(config, plan, optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if config.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    log(f"training: {plan['steps']} steps")
-    history = train(accelerator=accelerator, unet=unet, text_encoder=text_encoder,
-                    noise_scheduler=noise_scheduler, optimizer=optimizer,
-                    lr_scheduler=lr_scheduler, data=data, params=params,
-                    total_steps=plan["steps"], batch_size=config.train_batch_size,
-                    prior_loss_weight=config.prior_loss_weight if plan["class_images"] else 0.0,
-                    pad_tokens=config.pad_tokens, max_grad_norm=config.max_grad_norm,
-                    seed=config.seed, log_every=plan["log_every"], flip_p=config.flip_p,
-                    log=log)
+    trainable = {f"unet.{n}": p for n, p in accelerator.unwrap_model(unet).named_parameters()
+                 if p.requires_grad}
+    trainable |= {f"text_encoder.{n}": p for n, p in
+                  accelerator.unwrap_model(text_encoder).named_parameters() if p.requires_grad}
+    ema_names = [n for n in trainable if n.startswith("unet.")]
+    ema = ({n: trainable[n].detach().float().clone() for n in ema_names}
+           if config.use_ema else None)
+    out = work / "output"
+    (out / "samples").mkdir(parents=True)
+    if resumed:
+        state = checkpoint.restore(resumed, trainable=trainable, optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, scaler=accelerator.scaler, ema=ema)
+        if (resumed / "samples").is_dir():
+            shutil.copytree(resumed / "samples", out / "samples", dirs_exist_ok=True)
+    else:
+        state = LoopState.start(config.seed)
+    ckpt_root = checkpoint.default_dir(config) if config.checkpointing_steps else None
+    log(f"training: {plan['steps']} steps" + (f", from step {state.step}" if state.step else ""))
+    every = [n for n in (config.checkpointing_steps, config.sample_every) if n]
+    try:
+        while state.step < plan["steps"]:
+            until = min([plan["steps"]] + [(state.step // n + 1) * n for n in every])
+            state = train(accelerator=accelerator, unet=unet, text_encoder=text_encoder,
+                          noise_scheduler=noise_scheduler, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, data=data, params=params, state=state,
+                          until=until, total_steps=plan["steps"], config=config,
+                          prior_loss_weight=(config.prior_loss_weight if plan["class_images"]
+                                             else 0.0),
+                          log_every=plan["log_every"],
+                          ema=list(ema.values()) if ema else None,
+                          ema_params=[trainable[n] for n in ema_names], log=log)
+            if config.sample_every and state.step % config.sample_every == 0 \
+                    and state.step < plan["steps"]:
+                with half():
+                    _render_samples(pipe, config, out / "samples" / f"step-{state.step:06d}",
+                                    log)
+            if ckpt_root and state.step % config.checkpointing_steps == 0:
+                files = {f"class_images/{ex.file}": _png(ex.image) for ex in generated}
+                files |= {f"samples/{p.relative_to(out / 'samples')}": p.read_bytes()
+                          for p in (out / "samples").rglob("*.png")}
+                saved = checkpoint.save(ckpt_root, state=state, trainable=trainable,
+                                        optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                        scaler=accelerator.scaler, ema=ema, config=config,
+                                        key=key, files=files,
+                                        limit=config.checkpoints_total_limit)
+                log(f"checkpoint: {saved}")
+    except Diverged as e:
+        kept = checkpoint.complete(ckpt_root) if ckpt_root else []
+        hint = (f"; the last good checkpoint is kept: resume from {kept[-1]} with a lower "
+                f"learning rate" if kept else "")
+        raise Diverged(f"{e}{hint}") from None
     pipe.unet = accelerator.unwrap_model(unet).eval()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
-    del optimizer, lr_scheduler, data
+    if ema is not None:  # export the average, not the last step's weights
+        with torch.no_grad():
+            for name in ema_names:
+                trainable[name].copy_(ema[name])
+    history = state.history
+    del optimizer, lr_scheduler, data, trainable, ema
     accelerator.free_memory()
     phase("train")
 
-    # 5. Samples, then the output folder and the tarball.
-    out = work / "output"
-    out.mkdir()
+    # 5. Samples, then the outputs and the tarball.
     samples = []
     if config.save_sample_prompt:
         with half():
-            images = generate(pipe, config.save_sample_prompt, config.n_save_sample,
-                              batch_size=config.sample_batch_size,
-                              steps=config.save_infer_steps,
-                              guidance=config.save_guidance_scale, seed=config.seed,
-                              resolution=config.resolution,
-                              negative_prompt=config.save_sample_negative_prompt,
-                              label="samples", log=log)
-        samples = save_images(images, out / "samples", "sample")
+            _render_samples(pipe, config, out / "samples", log)
+        samples = sorted(str(p.relative_to(out)) for p in (out / "samples").rglob("*.png"))
     phase("samples")
-    save_pipeline(pipe, out)
+    files = _export(pipe, config, out, base_weights)
     phase("export")
     record = {
         "config": config.to_dict(),
@@ -207,19 +259,140 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
         "mixed_precision": precision,
         "versions": versions(),
         "timings": timings,
+        "outputs": files,
         "dataset": {
             "instance": {"used": [ex.report() for ex in instance], "skipped": inst_skipped},
             "class": {"used": [ex.report() for ex in classes], "skipped": cls_skipped},
         },
-        "samples": [f"samples/{name}" for name in samples],
+        "samples": samples,
         "history": history,
     }
+    if not samples:
+        (out / "samples").rmdir()
     write_json(out / "training.json", record)
     size = write_tar(out, Path(config.output))
     phase("tar")
     log(f"done: wrote {config.output} ({size / 2**20:.1f} MiB) in "
         f"{sum(timings.values()):.1f}s")
     return Path(config.output)
+
+
+def _trainable(unet, text_encoder, config) -> tuple[list, list]:
+    """Mark what trains and return (UNet parameters, text-encoder parameters) to optimize."""
+    if config.use_lora:
+        from .lora import add_lora
+
+        unet_params = add_lora(unet, config.lora_rank, config.lora_alpha, "unet")
+        text_params = (add_lora(text_encoder, config.lora_rank, config.lora_alpha,
+                                "text_encoder") if config.train_text_encoder else [])
+        return unet_params, text_params
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    return (list(unet.parameters()),
+            list(text_encoder.parameters()) if config.train_text_encoder else [])
+
+
+def _optimizer(config, plan, unet_params, text_params):
+    """AdamW over the UNet's parameters, and the text encoder's at text_encoder_lr."""
+    groups = [{"params": unet_params}]
+    if text_params:
+        groups.append({"params": text_params, "lr": plan["text_encoder_lr"]})
+    adam = dict(lr=plan["learning_rate"], betas=(config.adam_beta1, config.adam_beta2),
+                weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        return _bitsandbytes_adamw()(groups, **adam)
+    # fused: one kernel for all tensors, 4x faster than the per-tensor loop on a CPU
+    return torch.optim.AdamW(groups, fused=True, **adam)
+
+
+def _lr_scheduler(config, plan, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(plan["lr_scheduler"], optimizer,
+                         num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=plan["steps"],
+                         num_cycles=config.lr_num_cycles, power=config.lr_power)
+
+
+def _base_weights(pipe, config) -> dict:
+    """CPU copies of the weights before training, for extract_lora."""
+    parts = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder}
+                                   if config.train_text_encoder else {})
+    return {name: {k: v.detach().to("cpu", torch.float32, copy=True)
+                   for k, v in module.state_dict().items()} for name, module in parts.items()}
+
+
+def _render_samples(pipe, config, folder: Path, log) -> list[str]:
+    from .sampling import generate
+
+    images = generate(pipe, config.save_sample_prompt, config.n_save_sample,
+                      batch_size=config.sample_batch_size, steps=config.save_infer_steps,
+                      guidance=config.save_guidance_scale, seed=config.seed,
+                      resolution=config.resolution,
+                      negative_prompt=config.save_sample_negative_prompt, label="samples",
+                      log=log)
+    return save_images(images, folder, "sample")
+
+
+def _export(pipe, config, out: Path, base_weights) -> list[str]:
+    """Write the chosen formats into `out`; returns the files and folders written."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[config.save_precision]
+    formats = config.formats()
+    written = []
+    if "lora" in formats:
+        from . import lora
+
+        if config.use_lora:
+            written += [str(p.relative_to(out)) for p in lora.save_lora(pipe, out, dtype).values()]
+        else:  # kohya layout only: AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read it
+            rank = config.extract_lora
+            extracted = {}
+            for kind, weights in base_weights.items():
+                extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind)
+            lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
+                            rank, rank, v_prediction=pipe.scheduler.config.get(
+                                "prediction_type") == "v_prediction")
+            written.append("lora.safetensors")
+    if config.use_lora and {"diffusers", "single_file"} & set(formats):
+        from .lora import merge_lora
+
+        merge_lora(pipe)  # full weights with the adapters folded in
+    if "single_file" in formats:
+        from .single_file import save_single_file
+
+        save_single_file(pipe, out / "model.safetensors", dtype)
+        written.append("model.safetensors")
+    if "diffusers" in formats:
+        save_pipeline(pipe, out, dtype)
+        written.append("model_index.json")
+    return written
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _checkpoint_class_images(folder: Path, concepts: list[Concept]) -> list:
+    """The class images a checkpoint stored, as Examples in their original order."""
+    from PIL import Image
+
+    from .intake import Example
+
+    root = folder / "class_images"
+    examples = []
+    for path in sorted(root.rglob("*.png")) if root.is_dir() else []:
+        name = str(path.relative_to(root))
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        concept = int(name.split("/")[1]) if name.count("/") == 2 else 0  # generated/k/i.png
+        examples.append(Example(name, concepts[concept].class_prompt, image.size, image,
+                                concept=concept))
+    return examples
 
 
 def check_writable(output: str, work_dir: str | None) -> None:
@@ -255,7 +428,9 @@ def make_plan(config: TrainConfig, concepts: list[Concept], instance: list) -> d
         "instance_images": len(instance),
         "class_images": sum(n_cls for _, n_cls in counts),
         "concepts": [dataclasses.asdict(c) for c in concepts],
-        "learning_rate": config.learning_rate * (scale if config.scale_lr else 1),
+        "learning_rate": config.base_lr() * (scale if config.scale_lr else 1),
+        "text_encoder_lr": (config.base_lr() if config.text_encoder_lr is None
+                            else config.text_encoder_lr) * (scale if config.scale_lr else 1),
         # diffusers' "constant" ignores warm-up; lr_warmup_steps should do what it says.
         "lr_scheduler": ("constant_with_warmup" if config.lr_scheduler == "constant"
                          and config.lr_warmup_steps else config.lr_scheduler),

@@ -1,0 +1,154 @@
+"""Checkpoints and resume: a training process killed with SIGKILL and resumed ends bit-identical to
+one never interrupted; bad resumes are refused; a diverging loss stops with the checkpoint kept.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, train_tiny, unet_weights
+from train import TrainConfig, UserError, run
+
+# Full fine-tune of UNet and text encoder with prior preservation, saved in fp32 so that the
+# comparison is exact.
+SETTINGS = dict(FAST, max_train_steps=12, save_precision="fp32", train_text_encoder=True,
+                use_ema=True, flip_p=0.5)
+
+
+def weights(folder) -> dict:
+    found = {f"unet.{k}": v for k, v in unet_weights(folder).items()}
+    te = load_file(folder / "text_encoder" / "model.safetensors")
+    return found | {f"text_encoder.{k}": v for k, v in te.items()}
+
+
+def cli(photos_zip, output, *flags):
+    args = [sys.executable, "-m", "train", "--instance-data", str(photos_zip),
+            "--instance-prompt", "a photo of sks ball", "--class-prompt", "a photo of a ball",
+            "--output", str(output)]
+    for name, value in SETTINGS.items():
+        args += ["--" + name.replace("_", "-"), str(value).lower() if isinstance(value, bool)
+                 else str(value)]
+    return args + list(flags)
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, photos_zip, venv_env):
+    whole, _ = train_tiny(tmp_path, photos_zip, "whole", **SETTINGS)
+
+    output = tmp_path / "killed.tar"
+    ckpts = tmp_path / "killed-checkpoints"
+    child = subprocess.Popen(cli(photos_zip, output, "--checkpointing-steps", "4",
+                                 "--checkpoints-total-limit", "0", "--log-every", "1"),
+                             cwd=tmp_path, env=venv_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in child.stdout:  # kill it mid-way between the second and third checkpoint
+        seen.append(line)
+        if line.startswith("step 10/12"):
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "".join(seen)
+    assert not output.exists()
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-000004", "step-000008"]
+    # A kill while a checkpoint was being written leaves a .partial folder: it is never used.
+    (ckpts / "step-000012.partial").mkdir()
+    (ckpts / "step-000012.partial" / "state.json").write_text("{}")
+
+    resumed, lines = train_tiny(tmp_path, photos_zip, "killed", resume=str(ckpts),
+                                checkpointing_steps=4, **SETTINGS)
+    assert any("from step 8" in line for line in lines)
+    # The class images come from the checkpoint: none generated again.
+    assert not [line for line in lines if re.match(r"class images: \d+/\d+", line)]
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((resumed / "training.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    # The .partial folder is cleaned away; the default limit keeps the latest two.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000008", "step-000012"]
+
+
+def test_resume_from_a_tarball_and_the_limit_keeps_the_latest(tmp_path, photos_zip):
+    settings = dict(SETTINGS, max_train_steps=6, checkpointing_steps=2,
+                    checkpoints_total_limit=2)
+    whole, _ = train_tiny(tmp_path, photos_zip, "whole", **settings)
+    ckpts = tmp_path / "whole-checkpoints"
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-000004", "step-000006"]
+    packed = tmp_path / "step4.tar"
+    with tarfile.open(packed, "w") as tar:
+        tar.add(ckpts / "step-000004", arcname="step-000004")
+    resumed, _ = train_tiny(tmp_path, photos_zip, "again", resume=str(packed), **settings)
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings_or_images(tmp_path, photos_zip):
+    train_tiny(tmp_path, photos_zip, "first", **dict(SETTINGS, max_train_steps=2,
+                                                      checkpointing_steps=2))
+    ckpts = str(tmp_path / "first-checkpoints")
+    base = dict(FAST, **SETTINGS, instance_data=str(photos_zip), output=str(tmp_path / "x.tar"),
+                instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                resume=ckpts)
+    lines = []
+    with pytest.raises(UserError, match=r"other settings \(learning_rate 0.0001 -> 0.001"):
+        run(TrainConfig(**dict(base, learning_rate=1e-3)), log=lines.append)
+    from train.example_data import write_example_zip
+
+    other = write_example_zip(tmp_path / "other.zip", count=3, size=64)
+    with pytest.raises(UserError, match="training images differ"):
+        run(TrainConfig(**dict(base, instance_data=str(other))), log=lines.append)
+    with pytest.raises(UserError, match="no checkpoint in"):
+        run(TrainConfig(**dict(base, resume=str(tmp_path))), log=lines.append)
+    assert lines == []  # refused before any work
+    # Longer training may be asked for when resuming.
+    more, lines = train_tiny(tmp_path, photos_zip, "more",
+                             **dict(SETTINGS, resume=ckpts, max_train_steps=4))
+    assert any("from step 2" in line for line in lines)
+
+
+def test_a_diverging_loss_stops_and_names_the_cause(tmp_path, photos_zip):
+    with pytest.raises(UserError, match=r"training diverged at step \d+ .*learning rate 1.0e\+00 "
+                                        r"is likely too high.*last good checkpoint is kept"):
+        train_tiny(tmp_path, photos_zip, "nan", **dict(
+            FAST, max_train_steps=200, learning_rate=1.0, max_grad_norm=0.0,
+            checkpointing_steps=1, checkpoints_total_limit=1))
+    kept = list((tmp_path / "nan-checkpoints").iterdir())
+    assert len(kept) == 1
+    saved = load_file(kept[0] / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "nan.tar").exists()
+    assert list((tmp_path / "nan-work").iterdir()) == []
+
+
+def test_samples_during_training_leave_the_weights_alone(tmp_path, photos_zip):
+    settings = dict(FAST, save_precision="fp32", save_sample_prompt="a photo of sks ball",
+                    n_save_sample=1, save_infer_steps=2)
+    plain, _ = train_tiny(tmp_path, photos_zip, "plain", **settings)
+    sampled, _ = train_tiny(tmp_path, photos_zip, "sampled", sample_every=2, **settings)
+    record = json.loads((sampled / "training.json").read_text())
+    assert record["samples"] == ["samples/sample-000.png", "samples/step-000002/sample-000.png"]
+    assert (sampled / "samples" / "step-000002" / "sample-000.png").is_file()
+    a, b = unet_weights(plain), unet_weights(sampled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="sample_every renders the sample prompt"):
+        TrainConfig(**dict(FAST, instance_data="x.zip", instance_prompt="a",
+                           class_prompt="b", sample_every=2))
+
+
+def test_checkpoint_dir_must_be_writable(tmp_path, photos_zip):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        run(TrainConfig(**dict(FAST, instance_data=str(photos_zip), instance_prompt="a photo",
+                               class_prompt="a", output=str(tmp_path / "o.tar"),
+                               checkpointing_steps=2, checkpoint_dir=str(blocker / "ckpt"))),
+            log=lambda _: None)
+    assert sorted(os.listdir(tmp_path)) == ["file", "photos.zip"]  # nothing written

@@ -1,0 +1,141 @@
+"""Output formats end to end: each format `train.run` writes is reloaded by the tool that reads it
+(diffusers' from_pretrained, from_single_file, load_lora_weights), in the precision asked for;
+LoRA training, LoRA extraction, SD 2.x and single-file base models through the whole recipe.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import FAST, train_tiny, unet_weights
+from train import TrainConfig, UserError
+from train.models import build_builtin
+from train.single_file import save_single_file
+
+
+def tar_names(tmp_path, name) -> list[str]:
+    import tarfile
+
+    with tarfile.open(tmp_path / f"{name}.tar") as tar:
+        return sorted(m.name for m in tar.getmembers() if m.isfile())
+
+
+@torch.no_grad()
+def unet_output(pipe, seed=0) -> torch.Tensor:
+    """The UNet's prediction for fixed inputs, the prompt through the pipeline's text encoder."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    ids = pipe.tokenizer(["a photo of sks ball"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    states = pipe.text_encoder(ids)[0]
+    return pipe.unet(latents, torch.tensor([500]), states).sample
+
+
+def test_single_file_and_folder_hold_the_same_trained_weights(tmp_path, photos_zip):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = train_tiny(tmp_path, photos_zip, "both", output_format="diffusers,single_file")
+    assert "model.safetensors" in tar_names(tmp_path, "both")
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    single = StableDiffusionPipeline.from_single_file(
+        out / "model.safetensors", config=str(out), local_files_only=True,
+        torch_dtype=torch.float16, safety_checker=None)
+    folder = unet_weights(out)
+    assert all(torch.equal(single.unet.state_dict()[k], v) for k, v in folder.items())
+    record = json.loads((out / "training.json").read_text())
+    assert record["outputs"] == ["model.safetensors", "model_index.json"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_save_precision(tmp_path, photos_zip, precision, dtype):
+    out, _ = train_tiny(tmp_path, photos_zip, precision, save_precision=precision,
+                        max_train_steps=1)
+    assert {v.dtype for v in unet_weights(out).values()} == {dtype}
+
+
+def test_single_file_only_is_one_file(tmp_path, photos_zip):
+    train_tiny(tmp_path, photos_zip, "single", output_format="single_file", max_train_steps=1)
+    assert tar_names(tmp_path, "single") == ["model.safetensors", "training.json"]
+
+
+def test_lora_training_writes_small_files_that_reload(tmp_path, photos_zip):
+    from diffusers import StableDiffusionPipeline
+
+    out, lines = train_tiny(tmp_path, photos_zip, "lora", use_lora=True, lora_rank=4,
+                            learning_rate=None, max_train_steps=6)
+    assert any("lr 1.0e-04" in line for line in lines)  # LoRA's own default rate
+    assert tar_names(tmp_path, "lora") == ["lora.safetensors", "lora/pytorch_lora_weights"
+                                           ".safetensors", "training.json"]
+    kohya = load_file(out / "lora.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
+    base = build_builtin("tiny")
+    before = unet_output(base)
+    folder = tmp_path / "tiny"
+    base.save_pretrained(folder)
+    loaded = {}
+    for name, source in (("diffusers", out / "lora"), ("kohya", out / "lora.safetensors")):
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        pipe.load_lora_weights(str(source))
+        loaded[name] = unet_output(pipe)
+    assert not torch.allclose(loaded["diffusers"], before, atol=1e-4)  # the LoRA acts
+    torch.testing.assert_close(loaded["kohya"], loaded["diffusers"], atol=2e-3, rtol=1e-2)
+
+
+def test_lora_merged_into_a_full_model(tmp_path, photos_zip):
+    out, _ = train_tiny(tmp_path, photos_zip, "merged", use_lora=True, max_train_steps=2,
+                        output_format="diffusers,lora", save_precision="fp32")
+    base = build_builtin("tiny").unet.state_dict()
+    merged = unet_weights(out)
+    assert set(merged) == set(base)  # plain weights, no adapter names
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+
+
+def test_extract_lora_from_a_full_fine_tune(tmp_path, photos_zip):
+    out, _ = train_tiny(tmp_path, photos_zip, "extract", extract_lora=8, max_train_steps=4,
+                        learning_rate=1e-3)
+    names = tar_names(tmp_path, "extract")
+    assert "lora.safetensors" in names and "model_index.json" in names
+    kohya = load_file(out / "lora.safetensors")
+    assert max(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")) <= 8
+
+
+def test_lora_format_needs_a_lora():
+    with pytest.raises(UserError, match="output_format lora needs a LoRA"):
+        TrainConfig(instance_data="x.zip", instance_prompt="a", class_prompt="b",
+                    output_format="lora")
+
+
+def test_sd2_trains_and_exports_a_single_file(tmp_path, photos_zip):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = train_tiny(tmp_path, photos_zip, "sd2", model="tiny-sd2",
+                        output_format="diffusers,single_file", save_precision="fp32")
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    single = StableDiffusionPipeline.from_single_file(
+        out / "model.safetensors", config=str(out), local_files_only=True, safety_checker=None)
+    trained = unet_weights(out)
+    assert all(torch.equal(single.unet.state_dict()[k], v) for k, v in trained.items())
+    base = build_builtin("tiny-sd2").unet.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_a_single_file_checkpoint_is_a_base_model(tmp_path, photos_zip):
+    pipe = build_builtin("tiny")
+    folder = tmp_path / "tiny"
+    pipe.save_pretrained(folder)
+    with torch.no_grad():  # a "community fine-tune": the file differs from the folder
+        for p in pipe.unet.parameters():
+            p.add_(0.01)
+    save_single_file(pipe, tmp_path / "custom.safetensors", torch.float32)
+    out, lines = train_tiny(tmp_path, photos_zip, "custom", model=str(folder),
+                            base_checkpoint=str(tmp_path / "custom.safetensors"),
+                            max_train_steps=1, save_precision="fp32", learning_rate=0.0,
+                            with_prior_preservation=False)
+    assert any("custom.safetensors" in line for line in lines)
+    expected = pipe.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in unet_weights(out).items())
