@@ -20,15 +20,55 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "
 
 
 def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> None:
-    """Write the pipeline as safetensors in `dtype` (casts the pipeline in place)."""
+    """Write the pipeline as safetensors in `dtype` (casts the pipeline in place), in a layout that
+    loads with transformers 5 + diffusers 0.42 and with transformers 4 + older diffusers (the
+    AUTOMATIC1111/ComfyUI world): see DESIGN.md section 4 and tests/test_compat.py."""
+    from transformers import CLIPTextModel, PreTrainedModel
+
     pipe.to(dtype=dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 loads a model in the dtype its config names, diffusers loads in fp32 unless
-    # told otherwise: left as "float16", a plain `from_pretrained` gives an fp16 text encoder
-    # beside an fp32 UNet, and generation fails. fp32 makes it consistent; torch_dtype overrides.
-    config_path = folder / "text_encoder" / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps(dict(config, dtype="float32"), indent=2) + "\n")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name, part in pipe.components.items():
+        if isinstance(part, PreTrainedModel):
+            # transformers 5 loads a model in the dtype its config names, diffusers loads in fp32
+            # unless told otherwise: left as "float16", a plain `from_pretrained` gives an fp16
+            # text encoder beside an fp32 UNet, and generation fails. fp32 makes it consistent;
+            # torch_dtype overrides.
+            _update_json(folder / name / "config.json", dtype="float32")
+        if isinstance(part, CLIPTextModel):
+            # transformers 5 dropped CLIPTextModel's `text_model.` level and strips the prefix on
+            # load; transformers 4 needs it. CLIPTextModelWithProjection (SDXL's text_encoder_2)
+            # keeps `text_model.` in both, so only CLIPTextModel is rewritten.
+            _prefix_keys(folder / name, "text_model.")
+        if hasattr(part, "backend_tokenizer"):
+            # transformers 5 writes only tokenizer.json; transformers 4's CLIPTokenizer (the class
+            # model_index.json names) reads only vocab.json and merges.txt.
+            part.backend_tokenizer.model.save(str(folder / name))
+        if type(part).__name__.endswith("ImageProcessorPil"):
+            # Without torchvision transformers 5 substitutes CLIPImageProcessorPil, a class that
+            # transformers 4 cannot import; CLIPImageProcessor loads in both.
+            index[name] = [index[name][0], type(part).__name__.removesuffix("Pil")]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _prefix_keys(folder: Path, prefix: str) -> None:
+    """Give every tensor key in the safetensors files (and shard index) of `folder` `prefix`."""
+    from safetensors.torch import load_file, save_file
+
+    def fix(key: str) -> str:
+        return key if key.startswith(prefix) else prefix + key
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({fix(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    for path in folder.glob("*.safetensors.index.json"):
+        shards = json.loads(path.read_text())
+        _update_json(path, weight_map={fix(k): v for k, v in shards["weight_map"].items()})
+
+
+def _update_json(path: Path, **values) -> None:
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **values), indent=2) + "\n")
 
 
 def save_images(images, folder: Path, stem: str) -> list[str]:

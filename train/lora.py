@@ -50,6 +50,8 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
                        "downsamplers.0.conv", "upsamplers.0.conv")
 TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
+LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "init_lora_weights", "rank_pattern",
+                    "alpha_pattern")
 ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
 
 
@@ -93,8 +95,16 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
             # renames only the attention keys, and with feed-forward and proj_in/out adapters
             # the mixed file loads with the attention LoRA silently dropped.
             state = get_peft_model_state_dict(model)
+            if type(model).__name__ == "CLIPTextModel":
+                # transformers 5 dropped CLIPTextModel's `text_model.` level; transformers 4 (and
+                # diffusers with it) finds the adapters only under it, and 5 accepts both.
+                state = {k if k.startswith("text_model.") else "text_model." + k: v
+                         for k, v in state.items()}
             kwargs[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
-            kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[ADAPTER].to_dict()
+            # Only the fields that shape the adapter: a full peft 0.21 config has fields that
+            # older peft (what diffusers 0.35 users have) refuses to instantiate.
+            config = model.peft_config[ADAPTER].to_dict()
+            kwargs[f"{name}_lora_adapter_metadata"] = {k: config[k] for k in LORA_CONFIG_KEYS}
     if "unet_lora_layers" not in kwargs:
         raise ValueError("the pipeline's UNet has no LoRA adapter (see add_lora)")
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
