@@ -3,6 +3,8 @@
     python -m train.bench                 # 4 scenarios, ~2 min on 2 cores; prints a table
     python -m train.bench --repeat 3      # each scenario 3 times: medians, and the spread
     python -m train.bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
+    python -m train.bench --formats       # size of each output format for full-size SD 1.5
+    python -m train.bench --extract       # how much of a fine-tune extract_lora keeps, by rank
 
 Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
 instance and one class image per step, then the same UNet's forward and backward alone on
@@ -115,6 +117,98 @@ def measure_intake(count: int = 50, width: int = 4000, height: int = 3000,
                 "full_decode_s": round(full, 2), "images_per_s": round(len(examples) / ours, 1)}
 
 
+def measure_formats() -> list[dict]:
+    """MiB of each output format for `random-sd15` (SD 1.5's full size; no training needed:
+    the sizes depend on shapes alone)."""
+    import torch
+
+    from .export import save_pipeline
+    from .lora import add_lora, save_lora
+    from .models import build_builtin
+    from .single_file import save_single_file
+
+    def mib(path: Path) -> float:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return round(sum(p.stat().st_size for p in files) / 2**20, 1)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+            pipe = build_builtin("random-sd15")
+            out = Path(tmp) / precision
+            out.mkdir()
+            save_single_file(pipe, out / "model.safetensors", dtype)
+            rows.append({"format": "single_file", "precision": precision,
+                         "mib": mib(out / "model.safetensors")})
+            save_pipeline(pipe, out / "diffusers", dtype)
+            rows.append({"format": "diffusers", "precision": precision,
+                         "mib": mib(out / "diffusers")})
+        for rank in (4, 16, 64):
+            pipe = build_builtin("random-sd15")
+            add_lora(pipe.unet, rank, rank, "unet")
+            add_lora(pipe.text_encoder, rank, rank, "text_encoder")
+            written = save_lora(pipe, Path(tmp) / f"lora{rank}", torch.float16)
+            rows += [{"format": f"lora ({layout}, UNet + text encoder, rank {rank})",
+                      "precision": "fp16", "mib": mib(path)} for layout, path in written.items()]
+    return rows
+
+
+def measure_extraction(steps: int, ranks=(1, 4, 8, 16, 32, 64)) -> list[dict]:
+    """Train `tiny` (full fine-tune, text encoder frozen), then extract LoRAs of several ranks
+    from the UNet's change and measure what each misses of it on fixed inputs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .config import TrainConfig
+    from .example_data import write_example_zip
+    from .lora import (UNET_RESNET_TARGETS, UNET_TARGETS, extract_lora, extraction_error,
+                       save_kohya)
+    from .models import build_builtin
+    from .recipe import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photos = write_example_zip(tmp / "photos.zip", count=5, size=64)
+        run(TrainConfig(instance_data=str(photos), instance_prompt="a photo of sks ball",
+                        class_prompt="a photo of a ball", model="tiny", resolution=64,
+                        num_class_images=5, class_infer_steps=5, max_train_steps=steps,
+                        learning_rate=1e-4, train_text_encoder=False, save_precision="fp32",
+                        output=str(tmp / "out.tar")), log=lambda _: None)
+        import tarfile
+
+        with tarfile.open(tmp / "out.tar") as tar:
+            tar.extractall(tmp / "out", filter="data")
+        pipe = build_builtin("tiny")
+        base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        pipe.unet.load_state_dict(load_file(tmp / "out" / "unet" /
+                                            "diffusion_pytorch_model.safetensors"))
+        tuned = pipe.unet.eval()
+        g = torch.Generator().manual_seed(0)
+        inputs = (torch.randn(4, 4, 8, 8, generator=g), torch.tensor([100, 300, 600, 900]),
+                  torch.randn(4, 77, 32, generator=g))
+        with torch.no_grad():
+            full = tuned(*inputs)[0]
+            rows = []
+            for rank in ranks:
+                lora = extract_lora(base, tuned, rank, "unet",
+                                    targets=UNET_TARGETS + UNET_RESNET_TARGETS)
+                save_kohya(lora, tmp / "lora.safetensors", torch.float16, "sd_v1", rank, rank)
+                missed = extraction_error(base, tuned, lora, "unet", *inputs)
+                change = (full - _with_base(tuned, base)(*inputs)[0]).norm() / full.norm()
+                rows.append({"rank": rank, "missed_of_change": round(missed, 4),
+                             "output_error": round(missed * float(change), 5),
+                             "kib": round((tmp / "lora.safetensors").stat().st_size / 1024)})
+    return rows
+
+
+def _with_base(module, base: dict):
+    import copy
+
+    clone = copy.deepcopy(module)
+    clone.load_state_dict(base)
+    return clone
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="training steps per scenario")
@@ -128,7 +222,19 @@ def main() -> None:
                         help=argparse.SUPPRESS)  # a single scenario, run in a child process
     parser.add_argument("--intake", action="store_true",
                         help="measure intake of 50 twelve-megapixel JPEGs instead")
+    parser.add_argument("--formats", action="store_true",
+                        help="measure the size of each output format for full-size SD 1.5")
+    parser.add_argument("--extract", action="store_true",
+                        help="measure extract_lora's error by rank after --steps of training")
     args = parser.parse_args()
+    if args.formats:
+        for row in measure_formats():
+            print(json.dumps(row))
+        return
+    if args.extract:
+        for row in measure_extraction(args.steps):
+            print(json.dumps(row))
+        return
     if args.intake:
         print(json.dumps(measure_intake()))
         return
