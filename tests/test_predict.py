@@ -72,3 +72,34 @@ def test_setup_says_how_to_get_weights(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="run script/download-weights"):
         Predictor().setup()
+
+
+def test_predict_trains_a_lora_and_resumes_from_a_checkpoint_tarball(tmp_path, photos_zip,
+                                                                    monkeypatch):
+    import tarfile
+
+    from conftest import train_tiny
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("BASE_MODEL", "tiny")
+    predictor = Predictor()
+    predictor.setup()
+    settings = dict(instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                    resolution=64, num_class_images=2, class_infer_steps=2, sample_batch_size=2,
+                    use_lora=True, lora_rank=4, save_precision="fp32")
+    # A LoRA run interrupted after 2 of 4 steps, on the command line's side...
+    train_tiny(tmp_path, photos_zip, "cli", **dict(settings, max_train_steps=2,
+                                                   checkpointing_steps=2))
+    packed = tmp_path / "step.tar"
+    with tarfile.open(packed, "w") as tar:
+        tar.add(tmp_path / "cli-checkpoints" / "step-000002", arcname="step-000002")
+    whole, _ = train_tiny(tmp_path, photos_zip, "whole", **dict(settings, max_train_steps=4))
+    # ...finished by the Cog predictor from the uploaded checkpoint tarball.
+    inputs = dict(cog_defaults(), **settings, instance_data=CogPath(photos_zip),
+                  max_train_steps=4, resume=CogPath(packed))
+    out = untar(predictor.predict(**inputs), tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["lora", "lora.safetensors",
+                                                     "training.json"]
+    assert [h["step"] for h in read_training_json(out)["history"]] == [1, 2, 3, 4]
+    a, b = load_file(out / "lora.safetensors"), load_file(whole / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

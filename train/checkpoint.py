@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, effective_lr
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and
@@ -145,9 +145,12 @@ def _state_member(tar: tarfile.TarFile, resume: str) -> tarfile.TarInfo:
 
 def check_resumable(meta: dict, config: TrainConfig, key: str) -> None:
     """Refuse to resume with other settings or other images, naming what differs."""
-    saved = meta["config"]
-    changed = [f"{name} {saved.get(name)!r} -> {value!r}"
-               for name, value in config.to_dict().items()
+    saved = dict(meta["config"])
+    ours = config.to_dict()
+    # An unset learning rate means the default for the method: compare the rates in effect.
+    saved["learning_rate"] = effective_lr(saved.get("learning_rate"), saved.get("use_lora"))
+    ours["learning_rate"] = config.base_lr()
+    changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in ours.items()
                if name not in MAY_CHANGE and saved.get(name) != value]
     if changed:
         raise UserError(f"resume: the checkpoint was trained with other settings "

@@ -34,6 +34,13 @@ FULL_LR, LORA_LR = 1e-6, 1e-4
 POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
 
 
+def effective_lr(learning_rate: float | None, use_lora: bool) -> float:
+    """The learning rate a setting means: the one given, else the default for the method."""
+    if learning_rate is not None:
+        return learning_rate
+    return LORA_LR if use_lora else FULL_LR
+
+
 class UserError(ValueError):
     """A mistake in the user's input. Front doors print its message as one line, no traceback."""
 
@@ -287,9 +294,7 @@ class TrainConfig:
 
     def base_lr(self) -> float:
         """The learning rate before scale_lr: the user's, else the default for the method."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return LORA_LR if self.use_lora else FULL_LR
+        return effective_lr(self.learning_rate, self.use_lora)
 
     def model_source(self) -> tuple[str, str | None]:
         """(the model to load, the diffusers folder giving a single file its configs)."""
