@@ -139,3 +139,15 @@ def test_a_single_file_checkpoint_is_a_base_model(tmp_path, photos_zip):
     assert any("custom.safetensors" in line for line in lines)
     expected = pipe.unet.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in unet_weights(out).items())
+
+
+def test_untrained_parts_are_saved_as_they_were(tmp_path, photos_zip):
+    out, _ = train_tiny(tmp_path, photos_zip, "frozen", train_text_encoder=False)
+    base = build_builtin("tiny")
+    for part, file in (("vae", "vae/diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "text_encoder/model.safetensors")):
+        saved = {k.removeprefix("text_model."): v for k, v in load_file(out / file).items()}
+        expected = getattr(base, part).state_dict()
+        assert all(torch.equal(saved[k], v.half()) for k, v in expected.items()
+                   if k in saved), part
+        assert len(saved) >= len(expected) - 1, part  # all but a buffer (position_ids)
