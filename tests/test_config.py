@@ -112,3 +112,14 @@ def test_readme_lists_every_input_with_its_default_and_doc():
                    else str(f.default).lower() if isinstance(f.default, bool)
                    else str(f.default))
         assert rows.get(f.name) == (default, f.metadata["help"]), f.name
+
+
+def test_output_formats_combine_in_any_order():
+    assert valid(output_format="lora, diffusers", use_lora=True).output_format == "diffusers,lora"
+    assert valid(use_lora=True).formats() == ["lora"]
+    assert valid().formats() == ["diffusers"]
+    assert valid(extract_lora=8, output_format="single_file").formats() == ["single_file", "lora"]
+    with pytest.raises(UserError, match="output_format must be one of"):
+        valid(output_format="ckpt")
+    with pytest.raises(UserError, match="extract_lora extracts a LoRA from a full fine-tune"):
+        valid(use_lora=True, extract_lora=4)

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _metavar(kind, meta):
     if meta["choices"]:
-        return "{" + ",".join(meta["choices"]) + "}"
+        return "|".join(meta["choices"])
     return {bool: "true|false", int: "N", float: "X"}.get(kind, "TEXT")
 
 

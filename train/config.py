@@ -245,6 +245,11 @@ class TrainConfig:
         cog=False)
 
     def __post_init__(self):
+        if isinstance(self.output_format, str):  # "lora, diffusers" means diffusers,lora
+            parts = {p.strip() for p in self.output_format.split(",")}
+            order = ["auto", "diffusers", "single_file", "lora"]
+            if parts <= set(order):
+                self.output_format = ",".join(p for p in order if p in parts)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
