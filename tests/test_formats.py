@@ -101,6 +101,17 @@ def test_extract_lora_from_a_full_fine_tune(tmp_path, photos_zip):
     assert "lora.safetensors" in names and "model_index.json" in names
     kohya = load_file(out / "lora.safetensors")
     assert max(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight")) <= 8
+    assert any("_resnets_" in k for k in kohya)  # convolutions too, not only attention
+    # Loaded on the base model, it carries part of the fine-tune: closer to it than the base.
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "tiny"
+    build_builtin("tiny").save_pretrained(folder)
+    tuned = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    base = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    want, before = unet_output(tuned), unet_output(base)
+    base.load_lora_weights(str(out / "lora.safetensors"))
+    assert (unet_output(base) - want).norm() < 0.9 * (before - want).norm()
 
 
 def test_lora_format_needs_a_lora():

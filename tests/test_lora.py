@@ -239,7 +239,9 @@ def test_extract_lora_full_rank_is_exact_and_rank_is_clipped(base_pipe):
                                    tuned.get_submodule(n).weight, rtol=0, atol=1e-5)
 
 
-def test_sdxl_pipeline_gets_the_diffusers_layout_only(base_pipe, tmp_path):
+def test_sdxl_pipeline_gets_both_layouts(base_pipe, tmp_path):
+    """An SDXL layout other than tiny-sdxl's (one layer per block, two levels): the kohya file's
+    SGM block numbers follow the UNet's config, and diffusers maps them back."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -259,15 +261,34 @@ def test_sdxl_pipeline_gets_the_diffusers_layout_only(base_pipe, tmp_path):
         tokenizer=base_pipe.tokenizer, tokenizer_2=base_pipe.tokenizer, unet=unet,
         scheduler=base_pipe.scheduler)
     reload = copy.deepcopy(pipe)
-    add_lora(pipe.unet, RANK, ALPHA, "unet")
-    params = add_lora(pipe.text_encoder_2, RANK, ALPHA, "text_encoder")
+    params = add_lora(pipe.unet, RANK, ALPHA, "unet")
+    params += add_lora(pipe.text_encoder_2, RANK, ALPHA, "text_encoder_2")
     assert any("proj_in.lora_A" in n for n, _ in pipe.unet.named_parameters())  # Linear here
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
     files = save_lora(pipe, tmp_path, torch.float32)
-    assert set(files) == {"diffusers"} and not (tmp_path / "lora.safetensors").exists()
-    reload.load_lora_weights(files["diffusers"].parent)
+    assert set(files) == {"diffusers", "kohya"}
+    names = {k.split(".")[0] for k in load_file(files["kohya"])}
+    assert "lora_unet_input_blocks_3_1_proj_in" in names  # down_blocks.1.attentions.0
+    assert "lora_unet_output_blocks_1_1_proj_out" in names  # up_blocks.0.attentions.1
+    assert any(n.startswith("lora_te2_text_model_encoder_layers_") for n in names)
     ids = torch.arange(10)[None]
-    with torch.no_grad():
-        close(reload.text_encoder_2(ids)[0], pipe.text_encoder_2(ids)[0])
+    states = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(3))
+    added = {"text_embeds": torch.randn(1, 32, generator=torch.Generator().manual_seed(4)),
+             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    @torch.no_grad()
+    def outputs(p):
+        return (p.text_encoder_2(ids)[0],
+                p.unet(latent, torch.tensor([500]), states, added_cond_kwargs=added).sample)
+
+    want = outputs(pipe)
+    for source in (dict(pretrained_model_name_or_path_or_dict=files["diffusers"].parent),
+                   dict(pretrained_model_name_or_path_or_dict=tmp_path,
+                        weight_name=files["kohya"].name)):
+        loaded = copy.deepcopy(reload)
+        loaded.load_lora_weights(**source)
+        for got, expected in zip(outputs(loaded), want):
+            close(got, expected)

@@ -6,6 +6,16 @@ the image had been encoded again. Prompts are tokenized once, padded to the toke
 length; with the text encoder frozen their embeddings are cached too. CLIP's attention is causal,
 so the first L positions of a 77-token embedding equal the embedding of the prompt padded to L:
 slicing gives `pad_tokens=false` (pad to the longest prompt in the batch) for free.
+
+SDXL has two tokenizers and text encoders (`encode_text`): the UNet attends to both encoders'
+penultimate hidden states side by side and is also conditioned on text_encoder_2's pooled
+projection (one vector per prompt, read at the end token, so slicing leaves it unchanged) and
+on six numbers per image (`time_ids`: original size, crop offset, target size).
+
+    data = prepare(pipe.vae, [pipe.text_encoder], [pipe.tokenizer], instance, classes,
+                   512, center_crop=False, cache_embeddings=True, seed=0)      # SD 1.x/2.x
+    data = prepare(pipe.vae, [pipe.text_encoder, pipe.text_encoder_2],
+                   [pipe.tokenizer, pipe.tokenizer_2], ...)                    # SDXL
 """
 
 from __future__ import annotations
@@ -26,29 +36,40 @@ class TrainingData:
     """Cached tensors for instance ("inst") and class ("cls") examples, and the prompt table."""
     inst_mean: list[torch.Tensor]  # per image [views, 4, h, w] latent distribution, scaled
     inst_std: list[torch.Tensor]
+    inst_time: list[torch.Tensor]  # per image [views, 6] SDXL time ids (see time_ids)
     inst_prompt: torch.Tensor    # [n_inst] index into the prompt table
     cls_mean: list[torch.Tensor]   # likewise for class images (none without prior preservation)
     cls_std: list[torch.Tensor]
+    cls_time: list[torch.Tensor]
     cls_prompt: torch.Tensor
-    prompt_ids: torch.Tensor     # [n_prompts, 77] token ids, padded to full length
+    prompt_ids: list[torch.Tensor]  # per tokenizer [n_prompts, 77] token ids, full length
     prompt_len: torch.Tensor     # [n_prompts] tokens up to and including the end token
-    prompt_emb: torch.Tensor | None  # [n_prompts, 77, dim] when the text encoder is frozen
+    prompt_emb: torch.Tensor | None  # [n_prompts, 77, dim] when the text encoders are frozen
+    prompt_pooled: torch.Tensor | None  # SDXL, frozen: [n_prompts, dim] pooled projection
     pairs: list[tuple]           # one epoch of (instance index, class index or None)
+
+
+def crop_box(image_size: tuple[int, int], size: tuple[int, int], center_crop: bool,
+             rng: random.Random) -> tuple[tuple[int, int], int, int]:
+    """Where an image of `image_size` (width, height) is cropped to `size`: the size it is
+    resized to so that it covers `size`, and the crop's left and top in that resized image
+    (centred, or drawn from `rng`: two draws)."""
+    width, height = size
+    scale = max(width / image_size[0], height / image_size[1])
+    cover = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
+    if center_crop:
+        return cover, (cover[0] - width) // 2, (cover[1] - height) // 2
+    return cover, rng.randint(0, cover[0] - width), rng.randint(0, cover[1] - height)
 
 
 def image_tensor(image: Image.Image, resolution: int, center_crop: bool,
                  rng: random.Random, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Resize to cover `size` (default: a `resolution` square), crop it (centre or random),
-    scale to [-1, 1]. Returns [3, height, width] float32."""
+    """Resize to cover `size` (default: a `resolution` square), crop it (centre or random, see
+    crop_box), scale to [-1, 1]. Returns [3, height, width] float32."""
     width, height = size or (resolution, resolution)
-    scale = max(width / image.width, height / image.height)
-    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    cover, left, top = crop_box(image.size, (width, height), center_crop, rng)
     if cover != image.size:
         image = image.resize(cover, Image.Resampling.BICUBIC)
-    if center_crop:
-        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-    else:
-        left, top = rng.randint(0, cover[0] - width), rng.randint(0, cover[1] - height)
     image = image.crop((left, top, left + width, top + height))
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(2, 0, 1)
@@ -80,9 +101,8 @@ def encode_images(vae, examples: list[Example], resolution: int, center_crop: bo
     `flip`. With `buckets`, each image is cropped to the bucket nearest its aspect ratio, else
     to a square. Random crops are drawn once per image from `seed`."""
     rng = random.Random(seed)
-    sizes = [nearest_bucket(ex.image.size, buckets) if buckets else None for ex in examples]
     pixels = [image_tensor(ex.image, resolution, center_crop, rng, size)
-              for ex, size in zip(examples, sizes)]
+              for ex, size in zip(examples, target_sizes(examples, resolution, buckets))]
     views = [[p, p.flip(-1)] if flip else [p] for p in pixels]  # both views cached
     means, stds = [None] * len(pixels), [None] * len(pixels)
     by_shape: dict[tuple, list[int]] = {}
@@ -103,6 +123,34 @@ def encode_images(vae, examples: list[Example], resolution: int, center_crop: bo
     return [torch.stack(m) for m in means], [torch.stack(s) for s in stds]
 
 
+def target_sizes(examples: list[Example], resolution: int,
+                 buckets: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+    """The (width, height) each image is cropped to: its bucket, else a `resolution` square."""
+    return [nearest_bucket(ex.image.size, buckets) if buckets else (resolution, resolution)
+            for ex in examples]
+
+
+def time_ids(examples: list[Example], resolution: int, center_crop: bool, seed: int,
+             flip: bool = False, buckets: list[tuple[int, int]] | None = None
+             ) -> list[torch.Tensor]:
+    """SDXL's micro-conditioning for each image as `encode_images` crops it with the same
+    arguments: one [views, 6] float32 tensor per image, rows (original height, original width,
+    crop top, crop left, target height, target width). The original size is the photo's as it
+    came (Example.size), the crop offset is in the resized image, view 1 (mirrored) has its crop
+    left measured in the mirrored image. The crops are replayed: one crop_box per image from
+    `random.Random(seed)`, in order, as encode_images draws them."""
+    rng = random.Random(seed)
+    out = []
+    for ex, (width, height) in zip(examples, target_sizes(examples, resolution, buckets)):
+        cover, left, top = crop_box(ex.image.size, (width, height), center_crop, rng)
+        original = (ex.size[1], ex.size[0])
+        rows = [(*original, top, left, height, width)]
+        if flip:
+            rows.append((*original, top, cover[0] - width - left, height, width))
+        out.append(torch.tensor(rows, dtype=torch.float32))
+    return out
+
+
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded to the tokenizer's full length, and each prompt's unpadded length."""
     ids = tokenizer(prompts, padding="max_length", truncation=True,
@@ -112,18 +160,37 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.tensor(lengths)
 
 
-def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list[Example],
-            resolution: int, center_crop: bool, cache_embeddings: bool, seed: int,
-            flip: bool = False, aspect_buckets: bool = False) -> TrainingData:
-    """Encode every image once and tokenize every distinct caption once."""
+def encode_text(text_encoders: list, ids: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text conditioning for token ids (one tensor per encoder): (hidden states,
+    pooled embedding or None). SD 1.x/2.x: the encoder's last hidden state. SDXL: both
+    encoders' penultimate hidden states side by side, and text_encoder_2's pooled projection
+    (CLIPTextModelWithProjection's first output), as StableDiffusionXLPipeline encodes prompts."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids[0])[0], None
+    outputs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders, ids)]
+    states = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    return states, outputs[-1][0]
+
+
+def prepare(vae, text_encoders: list, tokenizers: list, instance: list[Example],
+            classes: list[Example], resolution: int, center_crop: bool, cache_embeddings: bool,
+            seed: int, flip: bool = False, aspect_buckets: bool = False) -> TrainingData:
+    """Encode every image once and tokenize every distinct caption once (with each tokenizer:
+    one for SD 1.x/2.x, two for SDXL, paired with `text_encoders`)."""
     device = vae.device
     prompts = sorted({ex.caption for ex in instance + classes})
     index = {p: i for i, p in enumerate(prompts)}
-    ids, lengths = tokenize(tokenizer, prompts)
-    emb = None
+    tokenized = [tokenize(tokenizer, prompts) for tokenizer in tokenizers]
+    ids = [i.to(device) for i, _ in tokenized]
+    # Slicing to the longer of the two lengths keeps each encoder's end token.
+    lengths = torch.stack([n for _, n in tokenized]).amax(0)
+    emb = pooled = None
     if cache_embeddings:
         with torch.no_grad():
-            emb = text_encoder(ids.to(text_encoder.device))[0].float()
+            emb, pooled = encode_text(text_encoders,
+                                      [i.to(e.device) for i, e in zip(ids, text_encoders)])
+        emb, pooled = emb.float(), pooled.float() if pooled is not None else None
     buckets = bucket_sizes(resolution) if aspect_buckets else None  # class images stay square
     inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed, flip,
                                         buckets)
@@ -132,9 +199,13 @@ def prepare(vae, text_encoder, tokenizer, instance: list[Example], classes: list
     def prompt_index(examples):
         return torch.tensor([index[ex.caption] for ex in examples], dtype=torch.long)
 
-    return TrainingData(inst_mean, inst_std, prompt_index(instance), cls_mean, cls_std,
-                        prompt_index(classes), ids.to(device), lengths, emb,
-                        epoch_pairs(instance, classes))
+    return TrainingData(
+        inst_mean=inst_mean, inst_std=inst_std,
+        inst_time=time_ids(instance, resolution, center_crop, seed, flip, buckets),
+        inst_prompt=prompt_index(instance), cls_mean=cls_mean, cls_std=cls_std,
+        cls_time=time_ids(classes, resolution, center_crop, seed + 1, flip),
+        cls_prompt=prompt_index(classes), prompt_ids=ids, prompt_len=lengths,
+        prompt_emb=emb, prompt_pooled=pooled, pairs=epoch_pairs(instance, classes))
 
 
 def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:

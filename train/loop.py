@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import UserError
-from .data import TrainingData, epoch_batches
+from .data import TrainingData, encode_text, epoch_batches
 
 
 class Diverged(UserError):
@@ -95,20 +95,23 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - rate)
 
 
-def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_scheduler,
           data: TrainingData, params, state: LoopState, until: int, total_steps: int,
           config, prior_loss_weight: float, log_every: int, ema: list | None = None,
           ema_params: list | None = None, log=print) -> LoopState:
     """Train from `state.step` to `until` optimizer steps (of `total_steps` in the run).
-    `config` (a TrainConfig) gives the per-step settings: batch size, pad_tokens, flip_p,
-    offset_noise, snr_gamma, max_grad_norm, text_encoder_steps. Raises Diverged before an
-    update that a non-finite loss or gradient would poison."""
+    `text_encoders`: [text_encoder], or SDXL's [text_encoder, text_encoder_2], whose UNet also
+    gets the pooled text embedding and each image's time ids. `config` (a TrainConfig) gives
+    the per-step settings: batch size, pad_tokens, flip_p, offset_noise, snr_gamma,
+    max_grad_norm, text_encoder_steps. Raises Diverged before an update that a non-finite loss
+    or gradient would poison."""
     device = accelerator.device
     generator = state.generator
     shapes = [tuple(m.shape) for m in data.inst_mean]
     shapes = shapes if len(set(shapes)) > 1 else None
     num_timesteps = noise_scheduler.config.num_train_timesteps
     fp16_scaler = accelerator.scaler is not None  # it skips overflowed steps by itself
+    sdxl = len(text_encoders) == 2
     unet.train()
 
     sums, micro = torch.zeros(3), 0
@@ -118,7 +121,8 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
         # that it runs without gradients, and AdamW skips parameters that have none.
         train_text = data.prompt_emb is None and not (
             config.text_encoder_steps and state.step >= config.text_encoder_steps)
-        text_encoder.train(train_text)
+        for text_encoder in text_encoders:
+            text_encoder.train(train_text)
         if not state.pending:
             state.pending = epoch_batches(data.pairs, config.train_batch_size, generator,
                                           shapes)
@@ -129,24 +133,27 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
                      < config.flip_p).long()
         else:
             views = torch.zeros(len(inst) + len(cls), dtype=torch.long)
-        rows = [(data.inst_mean[i][v], data.inst_std[i][v]) for i, v in
+        rows = [(data.inst_mean[i][v], data.inst_std[i][v], data.inst_time[i][v]) for i, v in
                 zip(inst.tolist(), views[:len(inst)].tolist())]
-        rows += [(data.cls_mean[i][v], data.cls_std[i][v]) for i, v in
+        rows += [(data.cls_mean[i][v], data.cls_std[i][v], data.cls_time[i][v]) for i, v in
                  zip(cls.tolist(), views[len(inst):].tolist())]
         prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
         # Without pad_tokens, prompts are padded only to the longest one in the batch.
-        length = (data.prompt_ids.shape[1] if config.pad_tokens
+        length = (data.prompt_ids[0].shape[1] if config.pad_tokens
                   else int(data.prompt_len[prompts].max()))
         # One UNet batch per latent shape: one in all, unless aspect buckets differ.
         groups = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
                   else [range(len(inst)), range(len(inst), len(rows))])
 
-        with accelerator.accumulate(unet, text_encoder):
+        with accelerator.accumulate(unet, *text_encoders):
             if data.prompt_emb is not None:
                 states = data.prompt_emb[prompts.to(device), :length]
+                pooled = (data.prompt_pooled[prompts.to(device)]
+                          if data.prompt_pooled is not None else None)
             else:
                 with torch.set_grad_enabled(train_text):
-                    states = text_encoder(data.prompt_ids[prompts.to(device), :length])[0]
+                    states, pooled = encode_text(text_encoders, [
+                        ids[prompts.to(device), :length] for ids in data.prompt_ids])
             preds, targets, all_t = [], [], []
             for group in groups:
                 mean = torch.stack([rows[r][0] for r in group])
@@ -159,7 +166,12 @@ def train(*, accelerator, unet, text_encoder, noise_scheduler, optimizer, lr_sch
                 latents = mean + std * sample_noise
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 targets.append(noise_target(noise_scheduler, latents, noise, timesteps))
-                preds.append(unet(noisy, timesteps, states[group.start:group.stop]).sample)
+                part = slice(group.start, group.stop)
+                # SDXL's size and crop conditioning, with the pooled text embedding.
+                added = ({"text_embeds": pooled[part], "time_ids": torch.stack(
+                    [rows[r][2] for r in group]).to(device)} if sdxl else None)
+                preds.append(unet(noisy, timesteps, states[part],
+                                  added_cond_kwargs=added).sample)
                 all_t.append(timesteps)
             if len(groups) == 1:  # the first len(inst) rows are instance images
                 n = len(inst)

@@ -8,6 +8,7 @@ Training with adapters (the base weights stay frozen; only the returned paramete
     ... train `params`, unwrap the models from accelerate ...
     save_lora(pipe, folder, torch.float16)   # folder/lora/pytorch_lora_weights.safetensors
                                              # folder/lora.safetensors (kohya layout)
+    (SDXL: the same, with add_lora(pipe.text_encoder_2, ..., kind="text_encoder_2") too)
     merge_lora(pipe)                         # plain full-weight pipeline, for save_pipeline
 
 Loading what save_lora wrote, anywhere:
@@ -22,6 +23,7 @@ From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
     lora = extract_lora(base, pipe.unet, rank=32, kind="unet")
     lora |= extract_lora(base_te, pipe.text_encoder, rank=32, kind="text_encoder")
     save_kohya(lora, path, torch.float16, base_model_version="sd_v1", rank=32, alpha=32)
+    (SDXL: pass sdxl=True to extract_lora, for kohya's SDXL names; see kohya_names)
     extraction_error(base, pipe.unet, lora, "unet", noisy, timesteps, states)  # 0 = exact
 
 Targets (UNET_TARGETS, TEXT_TARGETS) are those of kohya's sd-scripts LoRA, the one A1111 and
@@ -33,6 +35,10 @@ proj_in/proj_out are 1x1 Conv2d in SD 1.x and Linear in SD 2.x and SDXL (use_lin
 peft adapts both kinds under the same name, and the kohya layout gives a conv's lora_down and
 lora_up 4-D shapes. The resnets' 3x3 convs (kohya's optional "conv_dim", LoCon) are left out of
 training; extract_lora can cover them (UNET_RESNET_TARGETS).
+
+kohya names SD 1.x/2.x modules after diffusers' module paths, but SDXL's UNet modules after the
+original SGM UNet (`input_blocks.4.1.…`), the one its sd-scripts trains SDXL on; `kohya_names`
+maps them with single_file's table, which diffusers' load_lora_weights maps back.
 """
 
 from __future__ import annotations
@@ -43,13 +49,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .single_file import unet_table
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
                 "ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # The rest of the UNet's weights, for a LoCon-style extraction (3x3 convs, time embedding).
 UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
                        "downsamplers.0.conv", "upsamplers.0.conv")
-TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
+TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
+# kohya's name prefix for each part: SD 1.x/2.x have one text encoder; SDXL's are te1 (CLIP-L)
+# and te2 (OpenCLIP bigG).
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                       "text_encoder_2": "lora_te2_"}
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "init_lora_weights", "rank_pattern",
                     "alpha_pattern")
 ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
@@ -57,7 +70,8 @@ ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
 
 def add_lora(model: nn.Module, rank: int, alpha: float, kind: str) -> list[nn.Parameter]:
     """Inject LoRA adapters into a UNet (`kind="unet"`) or a CLIP text encoder
-    (`kind="text_encoder"`, CLIPTextModel or CLIPTextModelWithProjection), freeze every other
+    (`kind="text_encoder"` or SDXL's "text_encoder_2": CLIPTextModel or
+    CLIPTextModelWithProjection, both get TEXT_TARGETS), freeze every other
     weight, and return the trainable LoRA parameters (in fp32, whatever the base dtype).
 
     The applied change is alpha/rank · B @ A; B starts at zero, so the model is unchanged until
@@ -80,8 +94,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
       "diffusers": folder/lora/pytorch_lora_weights.safetensors, via the pipeline class's
                    save_lora_weights, with the adapter config in its metadata (so alpha ≠ rank
                    survives); read by pipe.load_lora_weights(folder / "lora").
-      "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111 and ComfyUI read
-                   (SD 1.x/2.x only: for SDXL only the diffusers file is written, for now).
+      "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111 and ComfyUI read (for
+                   SDXL with kohya's SDXL names: see kohya_names).
     Returns {layout: path} for the files written. The models must be unwrapped from accelerate."""
     from peft.utils import get_peft_model_state_dict
 
@@ -110,11 +124,12 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
     written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
 
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return written  # SDXL: its kohya names follow the SGM UNet; not written yet.
-    lora = kohya_state_dict(pipe.unet, "unet")
-    if pipe.text_encoder is not None:
-        lora |= kohya_state_dict(pipe.text_encoder, "text_encoder")
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    lora = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            lora |= kohya_state_dict(model, name, sdxl)
     config = pipe.unet.peft_config[ADAPTER]
     save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe),
                config.r, config.lora_alpha,
@@ -124,31 +139,63 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
 
 
 def kohya_version(pipe) -> str:
-    """kohya's ss_base_model_version for an SD 1.x or 2.x pipeline."""
+    """kohya's ss_base_model_version for a pipeline: sd_v1, sd_v2 or sdxl_base_v1-0."""
     from .models import family
 
-    return "sd_v2" if family(pipe) == "sd2" else "sd_v1"
+    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family(pipe)]
 
 
-def kohya_name(module_name: str, kind: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` → `lora_unet_down_blocks_0_attentions_0_proj_in`;
-    `encoder.layers.0.self_attn.q_proj` → `lora_te_text_model_encoder_layers_0_self_attn_q_proj`
-    (transformers 5's CLIPTextModel dropped `text_model.`; the kohya name keeps it)."""
-    if kind == "unet":
-        return "lora_unet_" + module_name.replace(".", "_")
-    return "lora_te_text_model_" + module_name.removeprefix("text_model.").replace(".", "_")
+def kohya_names(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, str]:
+    """kohya's LoRA name for the modules of a UNet (`kind="unet"`) or a CLIP text encoder
+    (`"text_encoder"`, SDXL's `"text_encoder_2"`), by module path:
+
+      SD 1.x/2.x  down_blocks.0.attentions.0.proj_in
+                      → lora_unet_down_blocks_0_attentions_0_proj_in (diffusers' path)
+                  encoder.layers.0.self_attn.q_proj
+                      → lora_te_text_model_encoder_layers_0_self_attn_q_proj
+      SDXL        down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
+                      → lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q (SGM path)
+                  lora_te1_text_model_encoder_layers_0_… (CLIP-L), lora_te2_text_model_… (bigG)
+
+    transformers 5's CLIPTextModel dropped `text_model.`; the kohya names keep it. The UNet's
+    containers above the SGM blocks (`down_blocks`, `down_blocks.1`, …) have no SDXL name."""
+    prefix = (SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES)[kind]
+    paths = [name for name, _ in model.named_modules()]
+    if kind != "unet":
+        return {name: prefix + "text_model_" + name.removeprefix("text_model.").replace(".", "_")
+                for name in paths}
+    if not sdxl:
+        return {name: prefix + name.replace(".", "_") for name in paths}
+    table = unet_table(model.config)
+    sgm = {name: sgm_path(name, table) for name in paths}
+    return {name: prefix + path.replace(".", "_") for name, path in sgm.items() if path}
 
 
-def kohya_state_dict(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
-    """The model's peft LoRA adapters in kohya layout: per module `.lora_down.weight` [r, in]
-    (a conv's [r, in, kh, kw]), `.lora_up.weight` [out, r] ([out, r, 1, 1]), `.alpha` (0-d)."""
+def sgm_path(module_name: str, table: list) -> str | None:
+    """The original SGM UNet's path for a diffusers UNet module path, by single_file's
+    `unet_table` (`down_blocks.1.resnets.0.conv1` → `input_blocks.4.0.in_layers.2`), or None
+    for a module above the table's blocks."""
+    path = module_name + "."
+    src, dst, inner = next((row for row in table if path.startswith(row[0])), (None,) * 3)
+    if src is None:
+        return None
+    rest = path[len(src):]
+    name = next((name for name in inner if rest.startswith(name)), None)
+    return (dst + (inner[name] + rest[len(name):] if name else rest)).rstrip(".")
+
+
+def kohya_state_dict(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """The model's peft LoRA adapters in kohya layout (names: kohya_names): per module
+    `.lora_down.weight` [r, in] (a conv's [r, in, kh, kw]), `.lora_up.weight` [out, r]
+    ([out, r, 1, 1]), `.alpha` (0-d)."""
     from peft.tuners.lora import LoraLayer
 
+    names = kohya_names(model, kind, sdxl)
     out = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
             continue
-        key = kohya_name(name, kind)
+        key = names[name]
         out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach()
         out[key + ".lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach()
         # peft's scaling is alpha/r (or alpha/sqrt(r) with rsLoRA): kohya's alpha is scaling·r.
@@ -176,7 +223,8 @@ def save_kohya(lora: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
 
 @torch.no_grad()
 def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
-                 targets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+                 targets: tuple[str, ...] | None = None,
+                 sdxl: bool = False) -> dict[str, torch.Tensor]:
     """A kohya-layout LoRA of `rank` from a full fine-tune: per covered Linear/Conv2d, the
     truncated SVD of (tuned weight - base[name + ".weight"]); convs (1x1 and 3x3) are flattened
     to [out, in·kh·kw]. Modules whose difference is exactly zero are skipped; a rank above
@@ -184,12 +232,14 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
     fp32 on the module's device; the returned tensors are fp32 there (save_kohya casts).
 
     Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
-    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora. Pass
+    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `sdxl` name
+    the modules as kohya_names does (an SDXL pipeline's parts: sdxl=True). Pass
     `targets=UNET_TARGETS + UNET_RESNET_TARGETS` to also cover the resnets (kohya's LoCon).
     diffusers' kohya reader (0.42) tells old from new text-encoder layouts by the presence of
     out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
     there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
     targets = TARGETS[kind] if targets is None else targets
+    names = kohya_names(tuned, kind, sdxl)
     out = {}
     for name, module in tuned.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or not _matches(name, targets):
@@ -207,7 +257,7 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
         up, down = u[:, :r] * root, root[:, None] * vh[:r]
         if delta.dim() == 4:
             up, down = up[:, :, None, None], down.reshape(r, *delta.shape[1:])
-        key = kohya_name(name, kind)
+        key = names[name]
         out[key + ".lora_down.weight"] = down.contiguous()
         out[key + ".lora_up.weight"] = up.contiguous()
         out[key + ".alpha"] = torch.tensor(float(r))
@@ -215,21 +265,23 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
 
 
 @torch.no_grad()
-def apply_kohya(model: nn.Module, lora: dict[str, torch.Tensor], kind: str) -> int:
+def apply_kohya(model: nn.Module, lora: dict[str, torch.Tensor], kind: str,
+                sdxl: bool = False) -> int:
     """Add a kohya-layout LoRA's alpha/r · up @ down to a plain model's weights in place, as
     A1111 and ComfyUI do. Returns the number of modules changed; a LoRA key that matches no
-    module of `model` (of this `kind`) is an error."""
+    module of `model` (of this `kind`, named as kohya_names does) is an error."""
+    names = kohya_names(model, kind, sdxl)
     done = set()
     for name, module in model.named_modules():
-        key = kohya_name(name, kind)
-        if key + ".lora_down.weight" not in lora or not hasattr(module, "weight"):
+        key = names.get(name)
+        if key is None or key + ".lora_down.weight" not in lora or not hasattr(module, "weight"):
             continue
         down, up = lora[key + ".lora_down.weight"], lora[key + ".lora_up.weight"]
         scale = float(lora[key + ".alpha"]) / down.shape[0]
         delta = scale * (up.flatten(1).float() @ down.flatten(1).float())
         module.weight += delta.reshape(module.weight.shape).to(module.weight)
         done.add(key)
-    prefix = "lora_unet_" if kind == "unet" else "lora_te_"
+    prefix = (SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES)[kind]
     missing = {k.split(".")[0] for k in lora if k.startswith(prefix)} - done
     if missing:
         raise KeyError(f"{len(missing)} LoRA modules match nothing in the model, "

@@ -28,7 +28,7 @@ from . import data as data_mod
 from .config import Concept, TrainConfig, UserError, concepts_of
 from .export import save_images, save_pipeline, versions, write_json, write_tar
 from .intake import Limits, outside_folders, prompt_words, read_images, require_images
-from .models import check_model
+from .models import check_model, family
 
 
 def run(config: TrainConfig, log=print) -> Path:
@@ -77,8 +77,7 @@ def run(config: TrainConfig, log=print) -> Path:
                                         [c.folder for c in concepts], limits)
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
-    if check_model(*config.model_source()) == "sdxl":
-        raise UserError("SDXL models load but cannot be trained yet: use an SD 1.x or 2.x model")
+    check_model(*config.model_source())  # a model that cannot load is refused here, in ms
     key = resume_meta = None
     if config.resume or config.checkpointing_steps:
         key = checkpoint.data_key(instance + classes)
@@ -156,35 +155,46 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     classes += generated
     phase("class_images")
 
-    # 3. Cache latents once; and text embeddings too when the text encoder stays frozen.
-    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    vae.requires_grad_(False).to(dtype=weight_dtype)
-    text_encoder.requires_grad_(False)
-    data = data_mod.prepare(vae, text_encoder, pipe.tokenizer, instance, classes,
+    # 3. Cache latents once; and text embeddings too when the text encoders stay frozen.
+    # SDXL has two text encoders (and tokenizers); both train, or both stay frozen.
+    sdxl = family(pipe) == "sdxl"
+    text_names = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    unet, vae = pipe.unet, pipe.vae
+    text_encoders = [getattr(pipe, name) for name in text_names]
+    # The VAE stays fp32: it encodes each image once (cheap), SDXL's overflows in fp16, and
+    # the exported VAE is then exactly the base model's, not a round trip through bf16.
+    vae.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
+    data = data_mod.prepare(vae, text_encoders, tokenizers, instance, classes,
                             config.resolution, config.center_crop,
                             cache_embeddings=not config.train_text_encoder, seed=config.seed,
                             flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
     phase("cache")
 
-    # 4. Train: all UNet weights (and the text encoder's), or LoRA adapters on them.
-    base_weights = _base_weights(pipe, config) if config.extract_lora else None
-    unet_params, text_params = _trainable(unet, text_encoder, config)
+    # 4. Train: all UNet weights (and the text encoders'), or LoRA adapters on them.
+    base_weights = _base_weights(pipe, text_names, config) if config.extract_lora else None
+    unet_params, text_params = _trainable(unet, dict(zip(text_names, text_encoders)), config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.activation_checkpointing_enable()  # transformers 5 name
+            for text_encoder in text_encoders:
+                text_encoder.activation_checkpointing_enable()  # transformers 5 name
     params = unet_params + text_params
     optimizer = _optimizer(config, plan, unet_params, text_params)
     lr_scheduler = _lr_scheduler(config, plan, optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if config.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     trainable = {f"unet.{n}": p for n, p in accelerator.unwrap_model(unet).named_parameters()
                  if p.requires_grad}
-    trainable |= {f"text_encoder.{n}": p for n, p in
-                  accelerator.unwrap_model(text_encoder).named_parameters() if p.requires_grad}
+    for name, text_encoder in zip(text_names, text_encoders):
+        trainable |= {f"{name}.{n}": p for n, p in
+                      accelerator.unwrap_model(text_encoder).named_parameters()
+                      if p.requires_grad}
     ema_names = [n for n in trainable if n.startswith("unet.")]
     ema = ({n: trainable[n].detach().float().clone() for n in ema_names}
            if config.use_ema else None)
@@ -203,7 +213,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     try:
         while state.step < plan["steps"]:
             until = min([plan["steps"]] + [(state.step // n + 1) * n for n in every])
-            state = train(accelerator=accelerator, unet=unet, text_encoder=text_encoder,
+            state = train(accelerator=accelerator, unet=unet, text_encoders=text_encoders,
                           noise_scheduler=noise_scheduler, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, data=data, params=params, state=state,
                           until=until, total_steps=plan["steps"], config=config,
@@ -233,7 +243,8 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
                 f"learning rate" if kept else "")
         raise Diverged(f"{e}{hint}") from None
     pipe.unet = accelerator.unwrap_model(unet).eval()
-    pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+    for name, text_encoder in zip(text_names, text_encoders):
+        setattr(pipe, name, accelerator.unwrap_model(text_encoder).eval())
     if ema is not None:  # export the average, not the last step's weights
         with torch.no_grad():
             for name in ema_names:
@@ -277,19 +288,21 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     return Path(config.output)
 
 
-def _trainable(unet, text_encoder, config) -> tuple[list, list]:
-    """Mark what trains and return (UNet parameters, text-encoder parameters) to optimize."""
+def _trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
+    """Mark what trains and return (UNet parameters, text-encoder parameters) to optimize.
+    `text_encoders` by pipeline attribute: text_encoder, and SDXL's text_encoder_2."""
+    train_text = text_encoders if config.train_text_encoder else {}
     if config.use_lora:
         from .lora import add_lora
 
         unet_params = add_lora(unet, config.lora_rank, config.lora_alpha, "unet")
-        text_params = (add_lora(text_encoder, config.lora_rank, config.lora_alpha,
-                                "text_encoder") if config.train_text_encoder else [])
+        text_params = [p for kind, model in train_text.items()
+                       for p in add_lora(model, config.lora_rank, config.lora_alpha, kind)]
         return unet_params, text_params
     unet.requires_grad_(True)
-    text_encoder.requires_grad_(config.train_text_encoder)
-    return (list(unet.parameters()),
-            list(text_encoder.parameters()) if config.train_text_encoder else [])
+    for model in train_text.values():
+        model.requires_grad_(True)
+    return list(unet.parameters()), [p for model in train_text.values() for p in model.parameters()]
 
 
 def _optimizer(config, plan, unet_params, text_params):
@@ -314,12 +327,11 @@ def _lr_scheduler(config, plan, optimizer):
                          num_cycles=config.lr_num_cycles, power=config.lr_power)
 
 
-def _base_weights(pipe, config) -> dict:
-    """CPU copies of the weights before training, for extract_lora."""
-    parts = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder}
-                                   if config.train_text_encoder else {})
+def _base_weights(pipe, text_names: list[str], config) -> dict:
+    """CPU copies of the weights before training, for extract_lora, by pipeline attribute."""
+    parts = ["unet"] + (text_names if config.train_text_encoder else [])
     return {name: {k: v.detach().to("cpu", torch.float32, copy=True)
-                   for k, v in module.state_dict().items()} for name, module in parts.items()}
+                   for k, v in getattr(pipe, name).state_dict().items()} for name in parts}
 
 
 def _render_samples(pipe, config, folder: Path, log) -> list[str]:
@@ -349,7 +361,11 @@ def _export(pipe, config, out: Path, base_weights) -> list[str]:
             rank = config.extract_lora
             extracted = {}
             for kind, weights in base_weights.items():
-                extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind)
+                # A full fine-tune moves the resnets too: extract them as well (kohya's LoCon).
+                targets = (lora.UNET_TARGETS + lora.UNET_RESNET_TARGETS if kind == "unet"
+                           else None)
+                extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind,
+                                               targets=targets, sdxl=family(pipe) == "sdxl")
             lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
                             rank, rank, v_prediction=pipe.scheduler.config.get(
                                 "prediction_type") == "v_prediction")
