@@ -55,10 +55,23 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
         if Path(model).is_dir():
             pipe = cls.from_pretrained(model, **options)
         else:
-            pipe = cls.from_single_file(model, config=str(config_folder), **options)
+            pipe = _from_single_file(cls, Path(model), str(config_folder), options)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _from_single_file(cls, path: Path, config_folder: str, options: dict):
+    """diffusers reads a file as safetensors only by its suffix (else it unpickles it): give a
+    suffix-less upload one through a symlink."""
+    import tempfile
+
+    if path.suffix.lower() == ".safetensors":
+        return cls.from_single_file(str(path), config=config_folder, **options)
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / "checkpoint.safetensors"
+        named.symlink_to(path.resolve())
+        return cls.from_single_file(str(named), config=config_folder, **options)
 
 
 def check_model(model: str, config_folder: str | None = None) -> str:
@@ -145,13 +158,13 @@ def _file_family(path: Path) -> str:
 
     from .single_file import checkpoint_family
 
-    if path.suffix.lower() != ".safetensors":
-        raise UserError(f"model {str(path)!r} is neither a diffusers folder nor a .safetensors "
-                        f"checkpoint")
-    try:
+    try:  # by content, not name: an upload (Cog's base_checkpoint) may have lost its suffix
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(f"model {str(path)!r} is neither a diffusers folder nor a "
+                            f".safetensors checkpoint") from None
         raise UserError(f"model {str(path)!r} is not a readable .safetensors file ({e})") from None
     kind = checkpoint_family(keys)
     if kind is None:
