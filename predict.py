@@ -3,10 +3,15 @@
     cog predict -i instance_data=@dog.zip -i instance_prompt="a photo of sks dog" \
         -i class_prompt="a photo of a dog"
 
-No ML lives here: each input's default, bounds and description come from train.TrainConfig (a
-test checks they agree), and predict() hands a TrainConfig to train.run, which returns the
-tarball. The base model is the folder script/download-weights fills, or whatever BASE_MODEL
-names (a diffusers folder or a built-in name such as `tiny`).
+    # the same over HTTP, without Docker (see README, "On a GPU: Cog, Replicate and the HTTP API"):
+    BASE_MODEL=tiny COG_PREDICT_TYPE_STUB=predict.py:Predictor python -m cog.server.http
+
+No ML lives here: predict() hands a TrainConfig to train.run, which returns the tarball. The
+inputs are TrainConfig's settings with their defaults, bounds, choices and descriptions, written
+out as literals by script/schema, because cog builds its schema by parsing this file without
+running it (tests check they agree with TrainConfig and with .cog/openapi_schema.json). The base
+model is the folder script/download-weights fills, or whatever BASE_MODEL names (a diffusers
+folder or a built-in name such as `tiny`).
 """
 
 import os
@@ -17,18 +22,12 @@ from typing import Optional
 from cog import BasePredictor, Input, Path
 
 import train
+from train.config import field_type, fields
 from train.models import check_model
-from train.config import fields
 
 SETTINGS = {f.name: f for f in fields()}
-
-
-def setting(name: str, **override):
-    """A Cog Input whose description, default, bounds and choices are TrainConfig's."""
-    f = SETTINGS[name]
-    spec = dict(description=f.metadata["help"], default=f.default, ge=f.metadata["ge"],
-                le=f.metadata["le"], choices=f.metadata["choices"])
-    return Input(**{**spec, **override})
+# The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
+FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
 
 
 class Predictor(BasePredictor):
@@ -40,72 +39,183 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        instance_prompt: str = setting("instance_prompt", default=None),
-        class_prompt: Optional[str] = setting("class_prompt"),
-        instance_data: Path = setting("instance_data",
-                                      description="ZIP of 3-20 photos of the subject"),
-        class_data: Optional[Path] = setting("class_data"),
-        num_class_images: int = setting("num_class_images"),
-        save_sample_prompt: Optional[str] = setting("save_sample_prompt"),
-        save_sample_negative_prompt: Optional[str] = setting("save_sample_negative_prompt"),
-        n_save_sample: int = setting("n_save_sample"),
-        save_guidance_scale: float = setting("save_guidance_scale"),
-        save_infer_steps: int = setting("save_infer_steps"),
-        pad_tokens: bool = setting("pad_tokens"),
-        with_prior_preservation: bool = setting("with_prior_preservation"),
-        prior_loss_weight: float = setting("prior_loss_weight"),
-        seed: int = setting("seed"),
-        resolution: int = setting("resolution"),
-        center_crop: bool = setting("center_crop"),
-        train_text_encoder: bool = setting("train_text_encoder"),
-        train_batch_size: int = setting("train_batch_size"),
-        sample_batch_size: int = setting("sample_batch_size"),
-        num_train_epochs: int = setting("num_train_epochs"),
-        max_train_steps: int = setting("max_train_steps"),
-        gradient_accumulation_steps: int = setting("gradient_accumulation_steps"),
-        gradient_checkpointing: bool = setting("gradient_checkpointing"),
-        learning_rate: Optional[float] = setting("learning_rate"),
-        scale_lr: bool = setting("scale_lr"),
-        lr_scheduler: str = setting("lr_scheduler"),
-        lr_warmup_steps: int = setting("lr_warmup_steps"),
-        use_8bit_adam: bool = setting("use_8bit_adam"),
-        adam_beta1: float = setting("adam_beta1"),
-        adam_beta2: float = setting("adam_beta2"),
-        adam_weight_decay: float = setting("adam_weight_decay"),
-        adam_epsilon: float = setting("adam_epsilon"),
-        max_grad_norm: float = setting("max_grad_norm"),
-        class_infer_steps: int = setting("class_infer_steps"),
-        lr_num_cycles: int = setting("lr_num_cycles"),
-        lr_power: float = setting("lr_power"),
-        mixed_precision: str = setting("mixed_precision"),
-        log_every: int = setting("log_every"),
-        alpha_background: str = setting("alpha_background"),
-        flip_p: float = setting("flip_p"),
-        aspect_buckets: bool = setting("aspect_buckets"),
-        folder_captions: bool = setting("folder_captions"),
-        concepts: Optional[str] = setting("concepts"),
-        text_encoder_lr: Optional[float] = setting("text_encoder_lr"),
-        text_encoder_steps: int = setting("text_encoder_steps"),
-        offset_noise: float = setting("offset_noise"),
-        snr_gamma: float = setting("snr_gamma"),
-        use_ema: bool = setting("use_ema"),
-        ema_decay: float = setting("ema_decay"),
-        use_lora: bool = setting("use_lora"),
-        lora_rank: int = setting("lora_rank"),
-        lora_alpha: float = setting("lora_alpha"),
-        output_format: str = setting("output_format"),
-        save_precision: str = setting("save_precision"),
-        extract_lora: int = setting("extract_lora"),
-        sample_every: int = setting("sample_every"),
-        base_checkpoint: Optional[Path] = setting("base_checkpoint"),
-        resume: Optional[Path] = setting("resume"),
+        # Written by script/schema from train.TrainConfig: change a setting there, run it.
+        instance_prompt: str = Input(
+            description="Prompt naming the subject with a rare identifier and its class, e.g. 'a photo of sks dog'"),
+        class_prompt: Optional[str] = Input(
+            default=None,
+            description="Prompt for the subject's class without the identifier, e.g. 'a photo of a dog'; needed with prior preservation"),
+        instance_data: Path = Input(description="ZIP of 3-20 photos of the subject"),
+        class_data: Optional[Path] = Input(
+            default=None,
+            description="Optional ZIP of class images; they count toward num_class_images and the rest are generated"),
+        num_class_images: int = Input(
+            default=50, ge=0, le=10000,
+            description="Class images for prior preservation; those missing from class_data are generated by the base model"),
+        save_sample_prompt: Optional[str] = Input(
+            default=None,
+            description="If set, render sample images with this prompt into samples/ of the output"),
+        save_sample_negative_prompt: Optional[str] = Input(
+            default=None,
+            description="Negative prompt for the sample images"),
+        n_save_sample: int = Input(default=4, ge=1, le=100, description="Number of sample images"),
+        save_guidance_scale: float = Input(
+            default=7.5, ge=0.0, le=50.0,
+            description="Classifier-free guidance scale for the sample images"),
+        save_infer_steps: int = Input(
+            default=50, ge=1, le=1000,
+            description="Sampling steps for the sample images"),
+        pad_tokens: bool = Input(
+            default=False,
+            description="Pad every prompt to the tokenizer's full length (77) instead of to the longest prompt in the batch"),
+        with_prior_preservation: bool = Input(
+            default=True,
+            description="Also train on class images so the model keeps its idea of the class"),
+        prior_loss_weight: float = Input(
+            default=1.0, ge=0.0, le=1000.0,
+            description="Weight of the class (prior-preservation) half of the loss"),
+        seed: int = Input(
+            default=1337, ge=0, le=4294967295,
+            description="Seed for everything random: the same seed gives the same weights"),
+        resolution: int = Input(
+            default=512, ge=64, le=2048,
+            description="Training resolution in pixels (images are resized, then cropped square); a multiple of 8"),
+        center_crop: bool = Input(
+            default=False,
+            description="Crop the centre of each image; otherwise a random square crop, fixed per image by the seed"),
+        train_text_encoder: bool = Input(
+            default=True,
+            description="Fine-tune the text encoder as well as the UNet"),
+        train_batch_size: int = Input(
+            default=1, ge=1, le=64,
+            description="Instance images per step (as many class images are added)"),
+        sample_batch_size: int = Input(
+            default=4, ge=1, le=64,
+            description="Images generated at once, for class images and samples"),
+        num_train_epochs: int = Input(
+            default=1, ge=1, le=100000,
+            description="Passes over the data; used only when max_train_steps is 0"),
+        max_train_steps: int = Input(
+            default=2000, ge=0, le=1000000,
+            description="Optimizer steps to train; overrides num_train_epochs (0 = train for num_train_epochs)"),
+        gradient_accumulation_steps: int = Input(
+            default=1, ge=1, le=1024,
+            description="Batches whose gradients are averaged into each optimizer step"),
+        gradient_checkpointing: bool = Input(
+            default=False,
+            description="Recompute activations in the backward pass: less memory, about 30% slower"),
+        learning_rate: Optional[float] = Input(
+            default=None, ge=0.0, le=1.0,
+            description="Learning rate before scale_lr (default 1e-06, or 0.0001 with use_lora)"),
+        scale_lr: bool = Input(
+            default=False,
+            description="Multiply the learning rate by train_batch_size x gradient_accumulation_steps"),
+        lr_scheduler: str = Input(
+            default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+            description="Learning-rate schedule"),
+        lr_warmup_steps: int = Input(
+            default=0, ge=0, le=1000000,
+            description="Steps of linear warm-up at the start of the schedule (with 'constant' too)"),
+        use_8bit_adam: bool = Input(
+            default=False,
+            description="8-bit AdamW from bitsandbytes: optimizer state in a quarter of the memory"),
+        adam_beta1: float = Input(default=0.9, ge=0.0, le=1.0, description="AdamW beta1"),
+        adam_beta2: float = Input(default=0.999, ge=0.0, le=1.0, description="AdamW beta2"),
+        adam_weight_decay: float = Input(
+            default=0.01, ge=0.0, le=1.0,
+            description="AdamW weight decay"),
+        adam_epsilon: float = Input(default=1e-08, ge=0.0, le=1.0, description="AdamW epsilon"),
+        max_grad_norm: float = Input(
+            default=1.0, ge=0.0, le=1000.0,
+            description="Clip the gradient norm to this value (0 = no clipping)"),
+        class_infer_steps: int = Input(
+            default=50, ge=1, le=1000,
+            description="Sampling steps for each generated class image"),
+        lr_num_cycles: int = Input(
+            default=1, ge=1, le=1000,
+            description="Hard restarts of the cosine_with_restarts schedule"),
+        lr_power: float = Input(
+            default=1.0, ge=0.0, le=10.0,
+            description="Power of the polynomial schedule"),
+        mixed_precision: str = Input(
+            default="auto", choices=["auto", "no", "fp16", "bf16"],
+            description="Precision of the forward pass on GPU: auto (bf16 where supported, else fp16), fp16, bf16 or no; always fp32 on CPU"),
+        log_every: int = Input(
+            default=0, ge=0, le=1000000,
+            description="Print a progress line every this many steps (0 = about 50 lines per run)"),
+        alpha_background: str = Input(
+            default="white",
+            description="Colour transparent areas of images are composited onto (a name or #rrggbb)"),
+        flip_p: float = Input(
+            default=0.0, ge=0.0, le=1.0,
+            description="Probability of training on an image mirrored left-right (0 for faces and text, which are not symmetric)"),
+        aspect_buckets: bool = Input(
+            default=False,
+            description="Train each photo at its own aspect ratio, in buckets of about resolution² pixels (sides multiples of 64), instead of cropping it square; class images stay square"),
+        folder_captions: bool = Input(
+            default=False,
+            description="Caption by folders, JoePenna-style: a top folder names the subject, the next its class, the next a caption prefix (bingo/dog/a picture of/x.jpg -> 'a picture of bingo dog')"),
+        concepts: Optional[str] = Input(
+            default=None,
+            description="Several subjects in one run: a JSON list of {instance_prompt, class_prompt, instance_data, class_data, num_class_images}, where instance_data and class_data name folders inside the instance_data and class_data archives; omitted prompts and counts default to the inputs above"),
+        text_encoder_lr: Optional[float] = Input(
+            default=None, ge=0.0, le=1.0,
+            description="Learning rate of the text encoder (default: learning_rate)"),
+        text_encoder_steps: int = Input(
+            default=0, ge=0, le=1000000,
+            description="Train the text encoder for the first N steps only, then freeze it (0 = every step)"),
+        offset_noise: float = Input(
+            default=0.0, ge=0.0, le=1.0,
+            description="Offset noise: a per-channel constant added to the noise, so the model can learn very dark and very bright images (0.05-0.1 is usual; 0 = off)"),
+        snr_gamma: float = Input(
+            default=0.0, ge=0.0, le=1000.0,
+            description="Min-SNR loss weighting with this gamma (5 is the paper's value; 0 = off): down-weights the easy low-noise timesteps"),
+        use_ema: bool = Input(
+            default=False,
+            description="Export an exponential moving average of the UNet weights (smoother; holds a second copy of the UNet in memory)"),
+        ema_decay: float = Input(
+            default=0.9999, ge=0.0, le=1.0,
+            description="Decay of the EMA (warmed up as (1+n)/(10+n) over the first steps)"),
+        use_lora: bool = Input(
+            default=False,
+            description="Train LoRA adapters instead of every weight: a file of a few MB, less memory (the text encoder gets adapters too when train_text_encoder)"),
+        lora_rank: int = Input(default=16, ge=1, le=1024, description="Rank of the LoRA adapters"),
+        lora_alpha: float = Input(
+            default=16.0, ge=0.0, le=10000.0,
+            description="LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank"),
+        output_format: str = Input(
+            default="auto", choices=["auto", "diffusers", "single_file", "lora", "diffusers,single_file", "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"],
+            description="What to write: diffusers (a folder diffusers loads), single_file (one .safetensors that AUTOMATIC1111 and ComfyUI load), lora (LoRA files, in diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora"),
+        save_precision: str = Input(
+            default="fp16", choices=["fp16", "bf16", "fp32"],
+            description="Precision of the saved weights"),
+        extract_lora: int = Input(
+            default=0, ge=0, le=1024,
+            description="Also write a LoRA of this rank extracted from the full fine-tune (0 = none)"),
+        sample_every: int = Input(
+            default=0, ge=0, le=1000000,
+            description="Also render the sample images every N steps, into samples/step-N/ (0 = only at the end; needs save_sample_prompt)"),
+        base_checkpoint: Optional[Path] = Input(
+            default=None,
+            description="A single-file .safetensors checkpoint to fine-tune (e.g. a community fine-tune of the base model); it must be of the base model's family, whose configs and tokenizer it uses"),
+        resume: Optional[Path] = Input(
+            default=None,
+            description="Resume an interrupted run from a checkpoint: a checkpoint folder (or the folder of checkpoints: the latest one is taken), or a tarball of one"),
+        # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}
-        inputs["instance_data"] = str(instance_data)
-        for name in ("class_data", "base_checkpoint", "resume"):  # optional files
-            inputs[name] = str(inputs[name]) if inputs[name] else None
-        # Only the latest output is kept: the previous one has been delivered by now.
+        for name in FILES:
+            inputs[name] = str(inputs[name]) if inputs[name] is not None else None
+        for name, value in inputs.items():
+            # JSON has one number type: 3.0 passes the schema's "integer" (JSON Schema counts
+            # it as one) and arrives as a float, which TrainConfig would refuse as not whole.
+            if isinstance(value, float) and value.is_integer() \
+                    and field_type(SETTINGS[name]) is int:
+                inputs[name] = int(value)
+        # Only the latest output is kept: Cog has delivered the previous one by now (inlined in
+        # the response or PUT to the upload URL), so disk use stays at one tarball. A canceled
+        # run leaves nothing else: train.run removes its work folder on any exit.
         shutil.rmtree(self.outputs, ignore_errors=True)
         os.makedirs(self.outputs)
         output = os.path.join(self.outputs, "dreambooth-weights.tar")
