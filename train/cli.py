@@ -54,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .recipe import run  # after parsing: --help and flag errors answer without torch
 
+    return exit_status(lambda: run(TrainConfig(**vars(args))))
+
+
+def exit_status(work) -> int:
+    """Run `work()`; a user mistake is one `error:` line on stderr and status 2, never a
+    traceback (the contract of every command-line entry point)."""
     try:
-        run(TrainConfig(**vars(args)))
+        work()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -464,16 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import exit_status
+
     args = build_parser().parse_args(argv)
-    try:
-        run_cli(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run_cli(args))
 
 
 def run_cli(args, log=print) -> dict:

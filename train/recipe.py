@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -136,11 +135,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
         return (torch.autocast("cuda", dtype=weight_dtype) if precision != "no"
                 else contextlib.nullcontext())
 
-    generated = []
-    if resumed:
-        generated = _checkpoint_class_images(resumed, concepts)
-        log(f"resume: {resumed} (step {json.loads((resumed / 'state.json').read_text())['step']}"
-            f", {len(generated)} class images from it)")
+    generated = _checkpoint_class_images(resumed, concepts) if resumed else []
     for k, (concept, count) in enumerate(zip(concepts, n_generate)):
         if count <= 0:
             continue
@@ -189,12 +184,10 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
         unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
-    trainable = {f"unet.{n}": p for n, p in accelerator.unwrap_model(unet).named_parameters()
+    trainable = {f"{part}.{n}": p
+                 for part, model in zip(["unet", *text_names], [unet, *text_encoders])
+                 for n, p in accelerator.unwrap_model(model).named_parameters()
                  if p.requires_grad}
-    for name, text_encoder in zip(text_names, text_encoders):
-        trainable |= {f"{name}.{n}": p for n, p in
-                      accelerator.unwrap_model(text_encoder).named_parameters()
-                      if p.requires_grad}
     ema_names = [n for n in trainable if n.startswith("unet.")]
     ema = ({n: trainable[n].detach().float().clone() for n in ema_names}
            if config.use_ema else None)
@@ -205,9 +198,13 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
                                    lr_scheduler=lr_scheduler, scaler=accelerator.scaler, ema=ema)
         if (resumed / "samples").is_dir():
             shutil.copytree(resumed / "samples", out / "samples", dirs_exist_ok=True)
+        log(f"resume: {resumed} (step {state.step}, {len(generated)} class images from it)")
     else:
         state = LoopState.start(config.seed)
     ckpt_root = checkpoint.default_dir(config) if config.checkpointing_steps else None
+    # Encoded once: every checkpoint stores the generated class images.
+    class_pngs = ({f"class_images/{ex.file}": _png(ex.image) for ex in generated}
+                  if ckpt_root else {})
     log(f"training: {plan['steps']} steps" + (f", from step {state.step}" if state.step else ""))
     every = [n for n in (config.checkpointing_steps, config.sample_every) if n]
     try:
@@ -228,9 +225,8 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
                     _render_samples(pipe, config, out / "samples" / f"step-{state.step:06d}",
                                     log)
             if ckpt_root and state.step % config.checkpointing_steps == 0:
-                files = {f"class_images/{ex.file}": _png(ex.image) for ex in generated}
-                files |= {f"samples/{p.relative_to(out / 'samples')}": p.read_bytes()
-                          for p in (out / "samples").rglob("*.png")}
+                files = class_pngs | {f"samples/{p.relative_to(out / 'samples')}":
+                                      p.read_bytes() for p in (out / "samples").rglob("*.png")}
                 saved = checkpoint.save(ckpt_root, state=state, trainable=trainable,
                                         optimizer=optimizer, lr_scheduler=lr_scheduler,
                                         scaler=accelerator.scaler, ema=ema, config=config,
