@@ -11,7 +11,9 @@ inputs are TrainConfig's settings with their defaults, bounds, choices and descr
 out as literals by script/schema, because cog builds its schema by parsing this file without
 running it (tests check they agree with TrainConfig and with .cog/openapi_schema.json). The base
 model is the folder script/download-weights fills, or whatever BASE_MODEL names (a diffusers
-folder or a built-in name such as `tiny`).
+folder or a built-in name such as `tiny`). With more than one GPU visible (or NUM_PROCESSES set),
+it trains on one process per GPU through torchrun (train/distributed.py). The `evaluate` input scores with the feature models
+script/download-weights --eval puts in weights/, or those EVAL_DINO and EVAL_CLIP name.
 """
 
 import os
@@ -22,7 +24,9 @@ from typing import Optional
 from cog import BasePredictor, Input, Path
 
 import train
+from train.cli import to_argv
 from train.config import field_type, fields
+from train.distributed import cuda_available, launch, process_count
 from train.models import check_model
 
 SETTINGS = {f.name: f for f in fields()}
@@ -35,7 +39,11 @@ class Predictor(BasePredictor):
         """Find the base model (local files only) and a folder for outputs."""
         self.model = os.environ.get("BASE_MODEL", SETTINGS["model"].default)
         check_model(self.model)  # says to run script/download-weights when weights/ is missing
+        # Checked only when a prediction asks for evaluate: most never need them.
+        self.features = {name: os.environ.get(name.upper(), SETTINGS[name].default)
+                         for name in ("eval_dino", "eval_clip")}
         self.outputs = tempfile.mkdtemp(prefix="dreambooth-out-")
+        self.processes, self.cuda = process_count(), cuda_available()
 
     def predict(
         self,
@@ -129,7 +137,7 @@ class Predictor(BasePredictor):
             default=1.0, ge=0.0, le=1000.0,
             description="Clip the gradient norm to this value (0 = no clipping)"),
         class_infer_steps: int = Input(
-            default=50, ge=1, le=1000,
+            default=25, ge=1, le=1000,
             description="Sampling steps for each generated class image"),
         lr_num_cycles: int = Input(
             default=1, ge=1, le=1000,
@@ -201,6 +209,18 @@ class Predictor(BasePredictor):
         resume: Optional[Path] = Input(
             default=None,
             description="Resume an interrupted run from a checkpoint: a checkpoint folder (or the folder of checkpoints: the latest one is taken), or a tarball of one"),
+        evaluate: bool = Input(
+            default=False,
+            description="Score the trained model as the DreamBooth paper does (DINO, CLIP-I, CLIP-T, PRES, DIV on its 25 prompts, with the sample settings) and add evaluation.json and contact_sheet.png; each checkpoint is scored too and the best balanced one named. Needs the feature models of script/download-weights --eval"),
+        eval_prompts: Optional[str] = Input(
+            default=None,
+            description="Your own evaluation prompts, one a line, identifier included (default: the paper's 25 for the subject's kind)"),
+        eval_images_per_prompt: int = Input(
+            default=4, ge=1, le=64,
+            description="Images rendered per evaluation prompt (the paper: 4)"),
+        class_scheduler: str = Input(
+            default="dpm++", choices=["dpm++", "base", "ddim", "euler"],
+            description="Sampler for the generated class images: dpm++ (DPM-Solver++, at least as accurate in 25 steps as the base model's own sampler in 50: half the time), base (the base model's own, e.g. PNDM for SD 1.5), ddim or euler"),
         # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
@@ -219,5 +239,15 @@ class Predictor(BasePredictor):
         shutil.rmtree(self.outputs, ignore_errors=True)
         os.makedirs(self.outputs)
         output = os.path.join(self.outputs, "dreambooth-weights.tar")
-        config = train.TrainConfig(**inputs, model=self.model, output=output)
-        return Path(train.run(config))
+        config = train.TrainConfig(**inputs, **self.features, model=self.model, output=output)
+        if self.processes == 1:
+            return Path(train.run(config))
+        # Several GPUs: one training process each. Their output is printed here, where the
+        # prediction's logs see it; a user mistake comes back as the same one-line error.
+        status, errors = launch(self.processes, to_argv(config), cpu=not self.cuda)
+        if status != 0 and errors:
+            raise train.UserError(errors[-1].removeprefix("error: "))
+        if status != 0:
+            raise RuntimeError(f"training failed in one of its {self.processes} processes "
+                               f"(exit status {status}); its log is above")
+        return Path(output)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, train_tiny
+from conftest import FAST, ROOT, read_training_json, train_tiny, unet_weights
 from train import UserError
 from train.evaluate import (DEFAULT_CLIP, DEFAULT_DINO, DEFINITIONS, contact_sheet,
                             denoising_probe, denoising_proxies, evaluate, main, pick_balanced)
@@ -287,3 +287,80 @@ def test_contact_sheet_rows_follow_their_images():
     assert sheet.size == (4 + 5 * 36, 2 * (16 + 32 + 4) + 4)
     assert sheet.getpixel((4 + 16, 4 + 16 + 16)) == (255, 0, 0)
     assert sheet.getpixel((4 + 4 * 36 + 16, 4 + 52 + 16 + 16)) == (0, 0, 255)
+
+
+# --- Evaluation inside a training run -----------------------------------------------------------
+
+RUN_EVAL = dict(evaluate=True, eval_dino="tiny", eval_clip="tiny", eval_images_per_prompt=2,
+                eval_prompts="a sks ball in the snow\n\na red sks ball\n", save_infer_steps=2,
+                save_precision="fp32", max_train_steps=6)
+
+
+def test_a_run_with_evaluate_scores_each_checkpoint_and_names_the_balanced_one(tmp_path,
+                                                                              photos_zip):
+    folder, lines = train_tiny(tmp_path, photos_zip, **RUN_EVAL, checkpointing_steps=2,
+                               checkpoints_total_limit=0,
+                               checkpoint_dir=str(tmp_path / "ckpt"))
+    report = json.loads((folder / "evaluation.json").read_text())
+    assert [p["prompt"] for p in report["per_prompt"]] == ["a sks ball in the snow",
+                                                           "a red sks ball"]
+    assert report["protocol"]["n_per_prompt"] == 2 and report["protocol"]["real_images"] == 4
+    assert report["protocol"]["sampling"]["steps"] == 2  # the sample settings
+    fidelity = report["proxies"]["fidelity"]
+    assert fidelity["held_out"] is False and fidelity["error_ratio"] < 1.0
+    assert report["proxies"]["drift"]["prompt"] == "a photo of a ball"
+    assert Image.open(folder / "contact_sheet.png").size[1] == 4 * (16 + 128 + 4) + 4
+    # checkpoints at 2 and 4 are scored in training, 6 is the final model (and a checkpoint)
+    steps = [c["step"] for c in report["checkpoints"]]
+    assert steps == [2, 4, 6]
+    assert report["checkpoints"][-1]["metrics"] == report["metrics"]
+    assert report["checkpoints"][-1]["checkpoint"] == str(tmp_path / "ckpt" / "step-000006")
+    best = pick_balanced(report["checkpoints"])
+    assert report["balanced"]["step"] == steps[best]
+    record = read_training_json(folder)
+    assert record["evaluation"]["balanced"] == [report["balanced"]]
+    assert "evaluate" in record["timings"] and "probe" in record["timings"]
+    assert any(line.startswith("evaluation: the best balance") for line in lines)
+    # each checkpoint before the last holds its own report, and the scores so far
+    for step in (2, 4):
+        ckpt = tmp_path / "ckpt" / f"step-{step:06d}"
+        saved = json.loads((ckpt / "evaluation" / "evaluation.json").read_text())
+        assert saved["metrics"] == report["checkpoints"][step // 2 - 1]["metrics"]
+        assert (ckpt / "evaluation" / "contact_sheet.png").is_file()
+        assert [e["step"] for e in json.loads((ckpt / "evaluations.json").read_text())] == \
+            list(range(2, step + 1, 2))
+    # a run resumed from step 4 carries the scores of steps 2 and 4 on
+    resumed, _ = train_tiny(tmp_path, photos_zip, name="resumed", **RUN_EVAL,
+                            resume=str(tmp_path / "ckpt" / "step-000004"))
+    again = json.loads((resumed / "evaluation.json").read_text())
+    assert [c["step"] for c in again["checkpoints"]] == [2, 4, 6]
+    assert again["checkpoints"][:2] == report["checkpoints"][:2]
+
+
+def test_evaluation_leaves_the_trained_weights_unchanged(tmp_path, photos_zip):
+    """Rendering and scoring at every checkpoint must not touch training (random state, modes):
+    the weights match a run without evaluation bit for bit."""
+    plain, _ = train_tiny(tmp_path, photos_zip, name="plain", save_precision="fp32",
+                          max_train_steps=6, checkpointing_steps=3,
+                          checkpoint_dir=str(tmp_path / "c1"))
+    scored, _ = train_tiny(tmp_path, photos_zip, name="scored", **RUN_EVAL,
+                           checkpointing_steps=3, checkpoint_dir=str(tmp_path / "c2"))
+    a, b = unet_weights(plain), unet_weights(scored)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (plain / "evaluation.json").exists()
+    assert read_training_json(plain)["evaluation"] is None
+
+
+def test_evaluate_without_feature_models_is_refused_before_any_model_loads(tmp_path,
+                                                                           photos_zip):
+    from train import TrainConfig, run
+
+    settings = {**FAST, **RUN_EVAL, "instance_data": str(photos_zip),
+                "instance_prompt": "a photo of sks ball", "class_prompt": "a photo of a ball",
+                "output": str(tmp_path / "x.tar")}
+    config = TrainConfig(**{**settings, "eval_dino": str(tmp_path / "none")})
+    with pytest.raises(UserError, match="dino feature model .* script/download-weights --eval"):
+        run(config, log=lambda _: None)
+    assert not (tmp_path / "x.tar").exists()
+    with pytest.raises(UserError, match="eval_prompts holds no prompt"):
+        TrainConfig(**{**settings, "eval_prompts": " \n "})

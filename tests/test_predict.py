@@ -103,3 +103,27 @@ def test_predict_trains_a_lora_and_resumes_from_a_checkpoint_tarball(tmp_path, p
     assert [h["step"] for h in read_training_json(out)["history"]] == [1, 2, 3, 4]
     a, b = load_file(out / "lora.safetensors"), load_file(whole / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_evaluates_with_the_feature_models_the_environment_names(tmp_path, photos_zip,
+                                                                         monkeypatch):
+    from train import UserError
+
+    monkeypatch.setenv("BASE_MODEL", "tiny")
+    monkeypatch.chdir(tmp_path)  # no weights/ here: the default feature folders are missing
+    inputs = dict(cog_defaults(), instance_data=CogPath(photos_zip),
+                  instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                  resolution=64, num_class_images=2, class_infer_steps=2, max_train_steps=2,
+                  save_infer_steps=2, sample_batch_size=2, evaluate=True,
+                  eval_prompts="a sks ball on the beach", eval_images_per_prompt=2)
+    predictor = Predictor()
+    predictor.setup()
+    with pytest.raises(UserError, match="download-weights --eval"):
+        predictor.predict(**inputs)
+    monkeypatch.setenv("EVAL_DINO", "tiny")
+    monkeypatch.setenv("EVAL_CLIP", "tiny")
+    predictor.setup()
+    out = untar(predictor.predict(**inputs), tmp_path / "out")
+    report = (out / "evaluation.json").read_text()
+    assert '"a sks ball on the beach"' in report and (out / "contact_sheet.png").is_file()
+    assert read_training_json(out)["config"]["eval_dino"] == "tiny"

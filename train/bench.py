@@ -1,16 +1,29 @@
-"""CPU benchmark of the training step on the built-in `tiny` model (the figures in BENCHMARKS.md).
+"""Benchmarks behind BENCHMARKS.md: named scenarios (training step, class images, a whole run),
+the CPU step table of `tiny`, intake, output formats, LoRA extraction.
 
-    python -m train.bench                 # 4 scenarios, ~2 min on 2 cores; prints a table
+    script/bench --list                   # the named scenarios
+    script/bench --scenario tiny --json out.json   # one table (Markdown), and the rows as JSON
+    script/bench --scenario sd15-bf16 --scenario sd15-fp16 ...   # on a GPU
+    python -m train.bench                 # 4 tiny step scenarios, ~2 min on 2 cores; a table
     python -m train.bench --repeat 3      # each scenario 3 times: medians, and the spread
     python -m train.bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
     python -m train.bench --formats       # size of each output format for full-size SD 1.5
     python -m train.bench --extract       # how much of a fine-tune extract_lora keeps, by rank
+    python -m train.bench --samplers      # class images/s: DPM-Solver++ 25 against PNDM 50
 
 Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
 instance and one class image per step, then the same UNet's forward and backward alone on
 tensors of the same shapes. It reports the median step time, the process's peak RSS, and the
 share of a step spent outside the model's forward and backward (data, noise, loss, optimizer,
 clipping, bookkeeping). On a CPU compare the figures as ratios within one run.
+
+A named scenario (`--scenario`, repeatable) is a real `train.run` in its own process and reports:
+the median step time after warm-up (synchronised: the loop reads each step's loss), steps/s,
+peak memory (CUDA's max_memory_allocated, or the process's peak RSS on a CPU), the model FLOPs of
+a step (counted once with torch.utils.flop_counter, on the meta device), the achieved TFLOP/s
+and, on a known GPU, its fraction of the device's dense bf16/fp16 peak; class images per second;
+and the run's phases as training.json times them. GPU scenarios (`sd15-*`) say "skipped: needs
+CUDA" without one, and still report their FLOPs per step.
 """
 
 from __future__ import annotations
@@ -27,6 +40,194 @@ import time
 from pathlib import Path
 
 SCENARIOS = [(64, False), (64, True), (128, False), (128, True)]
+
+# Named scenarios (`--scenario NAME`): TrainConfig settings over SCENARIO_BASE, and where they run.
+# Each is a real `train.run` in a process of its own, so its peak memory is its own. The `sd15-*`
+# ones are SD 1.5's full size at 512 px (random weights: speed and memory are the real model's).
+SCENARIO_BASE = dict(instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                     learning_rate=1e-5, max_train_steps=100, sample_batch_size=4)
+TINY_RUN = dict(model="tiny", resolution=64, num_class_images=8, train_text_encoder=False)
+SD15_RUN = dict(model="random-sd15", resolution=512, num_class_images=8,
+                train_text_encoder=False, mixed_precision="bf16")
+NAMED = {
+    "tiny": ("cpu", TINY_RUN, "tiny, 64 px, full fine-tune, text encoder frozen"),
+    "tiny-text-encoder": ("cpu", dict(TINY_RUN, train_text_encoder=True),
+                          "tiny with the text encoder trained"),
+    "tiny-lora": ("cpu", dict(TINY_RUN, use_lora=True, learning_rate=1e-4), "tiny, LoRA rank 16"),
+    "tiny-pndm-50": ("cpu", dict(TINY_RUN, class_scheduler="base", class_infer_steps=50),
+                     "tiny with class images by the base sampler (PNDM) at 50 steps"),
+    "sd15-bf16": ("cuda", SD15_RUN, "SD 1.5 size, 512 px, full fine-tune in bf16, text encoder "
+                                    "frozen"),
+    "sd15-fp16": ("cuda", dict(SD15_RUN, mixed_precision="fp16"), "as sd15-bf16, in fp16"),
+    "sd15-bf16-checkpointing": ("cuda", dict(SD15_RUN, gradient_checkpointing=True),
+                                "sd15-bf16 with gradient checkpointing"),
+    "sd15-bf16-8bit-adam": ("cuda", dict(SD15_RUN, use_8bit_adam=True),
+                            "sd15-bf16 with 8-bit AdamW"),
+    "sd15-bf16-text-encoder": ("cuda", dict(SD15_RUN, train_text_encoder=True),
+                               "sd15-bf16 with the text encoder trained"),
+    "sd15-bf16-lora": ("cuda", dict(SD15_RUN, use_lora=True, learning_rate=1e-4),
+                       "sd15-bf16, LoRA rank 16"),
+    # The issue's goal: a whole default run (800 steps, 200 class images) in under a minute.
+    "sd15-default-run": ("cuda", dict(model="random-sd15", resolution=512, num_class_images=200,
+                                      max_train_steps=800, learning_rate=None),
+                         "a default run: 800 steps, 200 class images, text encoder trained"),
+}
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' spec sheets (H100 SXM: 989.4;
+# the issue measured about 790 in practice), by a part of the device name; the first match wins.
+DEVICE_PEAKS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0)]
+PHASES = ["intake", "load_model", "class_images", "cache", "train", "export"]
+
+
+def scenario_config(name: str, tmp: Path, steps: int | None = None,
+                    class_images: int | None = None):
+    """The TrainConfig of scenario `name`, its photos written into `tmp`."""
+    from .config import TrainConfig
+    from .example_data import write_example_zip
+
+    device, overrides, _ = NAMED[name]
+    settings = dict(SCENARIO_BASE, **overrides)
+    if steps is not None and "max_train_steps" not in overrides:
+        settings["max_train_steps"] = steps
+    if class_images is not None:
+        settings["num_class_images"] = class_images
+    photos = write_example_zip(tmp / "photos.zip", count=4, size=settings["resolution"])
+    return TrainConfig(instance_data=str(photos), output=str(tmp / "out.tar"), **settings)
+
+
+def step_flops(config) -> int:
+    """FLOPs of one training step's model work: the UNet's forward and backward (and the text
+    encoder's when it trains), at the step's shapes, counted by torch's FlopCounterMode on the
+    meta device (shapes only: no memory, no arithmetic, any model size on any machine). Model
+    FLOPs: gradient checkpointing's recomputation is not counted. Built-in models only."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_builtin
+    from .recipe import _trainable
+
+    pipe = build_builtin(config.model, "meta")
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder
+    text_encoder.requires_grad_(False)
+    _trainable(unet, {"text_encoder": text_encoder}, config)  # the recipe's own choice
+    # A step's UNet batch: the instance images and as many class images; prompts padded to
+    # the longest (or to 77 with pad_tokens), as the loop does.
+    batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
+    prompts = [config.instance_prompt, config.class_prompt or config.instance_prompt]
+    ids = pipe.tokenizer(prompts * config.train_batch_size,
+                         padding="max_length" if config.pad_tokens else "longest",
+                         return_tensors="pt").input_ids[:batch].to("meta")
+    side = config.resolution // 8
+    latents = torch.zeros(batch, unet.config.in_channels, side, side, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        if config.train_text_encoder:
+            states = text_encoder(ids)[0]
+        else:  # the step reads the cached embeddings: no text-encoder work
+            states = torch.zeros(*ids.shape, text_encoder.config.hidden_size, device="meta")
+        pred = unet(latents, timesteps, states).sample
+        torch.nn.functional.mse_loss(pred, latents).backward()
+    return counter.get_total_flops()
+
+
+def device_peak(name: str) -> float | None:
+    """The dense bf16/fp16 peak TFLOP/s of a GPU by its name, if known."""
+    return next((peak for part, peak in DEVICE_PEAKS if part in name), None)
+
+
+def measure_scenario(name: str, steps: int | None = None,
+                     class_images: int | None = None) -> dict:
+    """Scenario `name` in this process: a real train.run, then its figures. Without CUDA a GPU
+    scenario only counts its FLOPs and says it was skipped."""
+    import tarfile
+
+    import torch
+
+    from .recipe import run
+
+    device, _, about = NAMED[name]
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = scenario_config(name, Path(tmp), steps, class_images)
+        row = {"scenario": name, "about": about, "flops_per_step": step_flops(config)}
+        if device == "cuda" and not cuda:
+            return dict(row, skipped="needs CUDA")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        with tarfile.open(run(config, log=lambda _: None)) as t:
+            record = json.load(t.extractfile("training.json"))
+    # The loop copies each step's loss to the CPU, which waits for the GPU: the step times it
+    # records are synchronised. The first fifth (at least one step) is warm-up.
+    times = [h["time"] for h in record["history"]]
+    warm = max(1, len(times) // 5)
+    step = statistics.median(b - a for a, b in zip(times[warm:], times[warm + 1:]))
+    timings = record["timings"]
+    row.update(device=torch.cuda.get_device_name() if cuda else "cpu",
+               mixed_precision=record["mixed_precision"], steps=len(times),
+               step_s=round(step, 5), steps_per_s=round(1 / step, 2),
+               tflops=round(row["flops_per_step"] / step / 1e12, 4),
+               class_images=config.num_class_images,
+               class_sampler=f"{config.class_scheduler} {config.class_infer_steps}",
+               class_images_per_s=round(config.num_class_images / timings["class_images"], 2),
+               phases=timings, total_s=round(sum(timings.values()), 2))
+    if cuda:
+        row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        row["peak_kind"] = "cuda max_memory_allocated"
+        peak = device_peak(row["device"])
+        row["device_peak_tflops"] = peak
+        row["of_peak"] = round(row["tflops"] / peak, 4) if peak else None
+    else:
+        row["peak_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        row["peak_kind"] = "process peak RSS"
+    return row
+
+
+def run_scenarios(names: list[str], steps: int | None, class_images: int | None,
+                  threads: int) -> list[dict]:
+    """Each scenario in a child process; a GPU scenario without CUDA is skipped in this one."""
+    import torch
+
+    rows = []
+    for name in names:
+        if NAMED[name][0] == "cuda" and not torch.cuda.is_available():
+            rows.append(measure_scenario(name, steps, class_images))
+            print(f"{name}: skipped: needs CUDA", flush=True)
+            continue
+        command = [sys.executable, "-m", "train.bench", "--child", name]
+        command += ["--steps", str(steps)] if steps is not None else []
+        command += ["--class-images", str(class_images)] if class_images is not None else []
+        env = dict(os.environ)
+        if NAMED[name][0] == "cpu":  # see --threads
+            env["OMP_NUM_THREADS"] = str(threads)
+        child = subprocess.run(command, capture_output=True, text=True, env=env,
+                               cwd=Path(__file__).resolve().parent.parent)
+        if child.returncode:
+            raise SystemExit(f"scenario {name} failed:\n{child.stderr[-3000:]}")
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {rows[-1]['step_s']:.4f} s/step", flush=True)
+    return rows
+
+
+def scenario_table(rows: list[dict]) -> list[str]:
+    """The scenarios as one Markdown table."""
+    header = ["scenario", "device", "s/step", "steps/s", "peak MiB", "GFLOP/step", "TFLOP/s",
+              "of peak", "class images/s (sampler)", *(f"{p} s" for p in PHASES), "total s"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in rows:
+        gflop = f"{r['flops_per_step'] / 1e9:.2f}"
+        if r.get("skipped"):
+            cells = [r["scenario"], f"skipped: {r['skipped']}", "", "", "", gflop]
+        else:
+            cells = [r["scenario"], r["device"], f"{r['step_s']:.4f}", f"{r['steps_per_s']:.1f}",
+                     str(r["peak_mib"]), gflop, f"{r['tflops']:.4f}",
+                     f"{100 * r['of_peak']:.1f} %" if r.get("of_peak") else "-",
+                     f"{r['class_images_per_s']:.2f} ({r['class_sampler']})",
+                     *(f"{r['phases'].get(p, 0):.2f}" for p in PHASES), f"{r['total_s']:.2f}"]
+        cells += [""] * (len(header) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
 
 
 def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
@@ -78,6 +279,34 @@ def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
             "step_s": round(step, 4), "forward_backward_s": round(model, 4),
             "outside_share": round(max(0.0, 1 - model / step), 3),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def measure_samplers(model: str = "tiny", resolution: int = 64, count: int = 8,
+                     repeats: int = 5, batch_size: int = 4) -> list[dict]:
+    """Class images per second of each sampler at its steps (class_scheduler, class_infer_steps),
+    the runs interleaved in one process and the best of `repeats` kept (on a shared machine the
+    fastest run is the one least slowed by others). Also the process CPU seconds per image."""
+    import torch
+
+    from .models import build_builtin
+    from .sampling import generate, sampler
+
+    pipe = build_builtin(model, "cuda" if torch.cuda.is_available() else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    choices = [("dpm++", 25), ("base", 50), ("dpm++", 50)]
+    wall, cpu = {c: [] for c in choices}, {c: [] for c in choices}
+    for _ in range(repeats):
+        for name, steps in choices:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            generate(pipe, "a photo of a ball", count, batch_size=batch_size, steps=steps,
+                     guidance=7.5, seed=0, resolution=resolution,
+                     scheduler=sampler(pipe, name), log=lambda _: None)
+            wall[name, steps].append(time.perf_counter() - start)
+            cpu[name, steps].append(time.process_time() - start_cpu)
+    return [{"sampler": name, "steps": steps,
+             "images_per_s": round(count / min(wall[name, steps]), 2),
+             "cpu_s_per_image": round(min(cpu[name, steps]) / count, 3)}
+            for name, steps in choices]
 
 
 def measure_intake(count: int = 50, width: int = 4000, height: int = 3000,
@@ -209,9 +438,16 @@ def _with_base(module, base: dict):
     return clone
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
-    parser.add_argument("--steps", type=int, default=100, help="training steps per scenario")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", action="append", choices=list(NAMED), metavar="NAME",
+                        help="run this named scenario (repeatable; --list names them)")
+    parser.add_argument("--list", action="store_true", help="list the named scenarios")
+    parser.add_argument("--class-images", type=int,
+                        help="class images to generate in a named scenario (default: its own)")
+    parser.add_argument("--child", choices=list(NAMED), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help="training steps per scenario (default 100)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per scenario, each in its own process; medians are reported")
     parser.add_argument("--threads", type=int, default=1,
@@ -224,9 +460,29 @@ def main() -> None:
                         help="measure intake of 50 twelve-megapixel JPEGs instead")
     parser.add_argument("--formats", action="store_true",
                         help="measure the size of each output format for full-size SD 1.5")
+    parser.add_argument("--samplers", action="store_true",
+                        help="measure class images/s of DPM-Solver++ 25 steps against PNDM 50")
     parser.add_argument("--extract", action="store_true",
                         help="measure extract_lora's error by rank after --steps of training")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (device, _, about) in NAMED.items():
+            print(f"{name:24} {device:4}  {about}")
+        return
+    if args.child:  # one named scenario, in a child process
+        print(json.dumps(measure_scenario(args.child, args.steps, args.class_images)))
+        return
+    if args.scenario:
+        rows = run_scenarios(args.scenario, args.steps, args.class_images, args.threads)
+        print("\n".join(scenario_table(rows)))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    args.steps = args.steps or 100
+    if args.samplers:
+        for row in measure_samplers(repeats=args.repeat if args.repeat > 1 else 5):
+            print(json.dumps(row))
+        return
     if args.formats:
         for row in measure_formats():
             print(json.dumps(row))

@@ -39,7 +39,8 @@ MAY_CHANGE = {"output", "work_dir", "checkpoint_dir", "resume", "checkpointing_s
               "save_infer_steps", "sample_every", "sample_batch_size", "output_format",
               "save_precision", "extract_lora", "max_train_steps", "num_train_epochs",
               "instance_data", "class_data", "max_archive_files", "max_archive_mib",
-              "max_compression_ratio", "max_image_megapixels"}
+              "max_compression_ratio", "max_image_megapixels", "evaluate", "eval_prompts",
+              "eval_images_per_prompt", "eval_dino", "eval_clip"}
 
 
 def default_dir(config: TrainConfig) -> Path:
@@ -61,7 +62,7 @@ def data_key(examples) -> str:
 
 def save(root: Path, *, state: LoopState, trainable: dict, optimizer, lr_scheduler, scaler,
          ema: dict | None, config: TrainConfig, key: str, files: dict[str, bytes],
-         limit: int) -> Path:
+         limit: int, processes: int = 1) -> Path:
     """Write checkpoint `root/step-N` atomically and keep only the latest `limit` (0 = all).
     `files` are extra files by relative path (class images, samples)."""
     final = root / f"step-{state.step:06d}"
@@ -82,7 +83,8 @@ def save(root: Path, *, state: LoopState, trainable: dict, optimizer, lr_schedul
         (partial / name).parent.mkdir(parents=True, exist_ok=True)
         (partial / name).write_bytes(payload)
     meta = {"step": state.step, "pending": state.pending, "history": state.history,
-            "elapsed": state.elapsed, "data_key": key, "config": config.to_dict()}
+            "elapsed": state.elapsed, "data_key": key, "config": config.to_dict(),
+            "processes": processes}
     (partial / "state.json").write_text(json.dumps(meta) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -143,8 +145,9 @@ def _state_member(tar: tarfile.TarFile, resume: str) -> tarfile.TarInfo:
     return members[0]
 
 
-def check_resumable(meta: dict, config: TrainConfig, key: str) -> None:
-    """Refuse to resume with other settings or other images, naming what differs."""
+def check_resumable(meta: dict, config: TrainConfig, key: str, processes: int = 1) -> None:
+    """Refuse to resume with other settings, other images or another number of processes (the
+    batches an epoch has left are split among them), naming what differs."""
     saved = dict(meta["config"])
     ours = config.to_dict()
     # An unset learning rate means the default for the method: compare the rates in effect.
@@ -155,7 +158,12 @@ def check_resumable(meta: dict, config: TrainConfig, key: str) -> None:
     if changed:
         raise UserError(f"resume: the checkpoint was trained with other settings "
                         f"({'; '.join(changed[:5])}); resume with the same ones (only output, "
-                        f"step counts, checkpoint, sample and export settings may change)")
+                        f"step counts, checkpoint, sample, evaluation and export settings may "
+                        f"change)")
+    saved_processes = meta.get("processes", 1)
+    if saved_processes != processes:
+        raise UserError(f"resume: the checkpoint was trained on {saved_processes} process(es), "
+                        f"this run has {processes}; resume on {saved_processes}")
     if meta["data_key"] != key:
         raise UserError("resume: the training images differ from the checkpoint's; resume "
                         "with the same instance_data and class_data")

@@ -8,9 +8,12 @@ Exit 0 on success; on a user mistake, exit 2 with one line on stderr starting `e
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .config import TrainConfig, UserError, field_type, fields
+from .distributed import rank_and_size
 
 REQUIRED = ("instance_data", "instance_prompt", "output")
 
@@ -57,15 +60,38 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(lambda: run(TrainConfig(**vars(args))))
 
 
+def to_argv(config: TrainConfig) -> list[str]:
+    """The flags that give `config` on this command line (settings at their default are left
+    out): how the Cog predictor hands a run to several processes."""
+    argv = []
+    for f in fields():
+        value = getattr(config, f.name)
+        if value != f.default:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            argv += ["--" + f.name.replace("_", "-"), text]
+    return argv
+
+
 def exit_status(work) -> int:
     """Run `work()`; a user mistake is one `error:` line on stderr and status 2, never a
-    traceback (the contract of every command-line entry point)."""
+    traceback (the contract of every command-line entry point). SIGTERM (torchrun stopping
+    the other processes when one fails, or `kill`) ends it as Ctrl-C does, so the work folder
+    is removed on the way out."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    # Every process of a multi-process run meets the same mistake: rank 0 says it.
+    say = rank_and_size()[0] == 0
     try:
         work()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if say:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if say:
+            print("error: interrupted", file=sys.stderr)
         return 130
     return 0

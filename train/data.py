@@ -222,14 +222,19 @@ def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:
 
 
 def epoch_batches(pairs: list[tuple], batch_size: int, generator: torch.Generator,
-                  shapes: list | None = None) -> list[tuple[list, list]]:
+                  shapes: list | None = None, fill: bool = False) -> list[tuple[list, list]]:
     """One epoch of (instance indices, class indices) batches: the pairs, shuffled. With
     `shapes` (one per instance image), a batch holds instance images of one shape only.
-    A plain list, so that a checkpoint can store the batches an epoch has left."""
+    `fill` makes every batch full, the last of each shape topped up from the start of the
+    epoch (several processes split each batch evenly). A plain list, so that a checkpoint can
+    store the batches an epoch has left."""
     order = torch.randperm(len(pairs), generator=generator).tolist()
     groups: dict = {}
     for i in order:
         groups.setdefault(shapes[pairs[i][0]] if shapes else None, []).append(pairs[i])
+    if fill:
+        for group in groups.values():
+            group += [group[j % len(group)] for j in range(-len(group) % batch_size)]
     batches = [group[start:start + batch_size] for group in groups.values()
                for start in range(0, len(group), batch_size)]
     if len(groups) > 1:  # interleave the shapes across the epoch

@@ -107,6 +107,10 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
     or gradient would poison."""
     device = accelerator.device
     generator = state.generator
+    # Several processes: every one draws the same global batch (train_batch_size per process)
+    # with the same noise and timesteps, and trains on its slice; DDP averages the gradients.
+    # So N processes take the steps one process would with N times the batch.
+    world, rank = accelerator.num_processes, accelerator.process_index
     shapes = [tuple(m.shape) for m in data.inst_mean]
     shapes = shapes if len(set(shapes)) > 1 else None
     num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -124,9 +128,13 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
         for text_encoder in text_encoders:
             text_encoder.train(train_text)
         if not state.pending:
-            state.pending = epoch_batches(data.pairs, config.train_batch_size, generator,
-                                          shapes)
+            state.pending = epoch_batches(data.pairs, config.train_batch_size * world,
+                                          generator, shapes, fill=world > 1)
         inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in state.pending.pop(0))
+        # This process's rows of the global batch: its instance images, then its class images.
+        n_inst, n_cls = len(inst) // world, len(cls) // world
+        mine = set(range(rank * n_inst, (rank + 1) * n_inst)) | set(
+            range(len(inst) + rank * n_cls, len(inst) + (rank + 1) * n_cls))
         # View 1 is the mirrored image, drawn with probability flip_p (only if it was cached).
         if config.flip_p > 0:
             views = (torch.rand(len(inst) + len(cls), generator=generator)
@@ -145,37 +153,45 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
         groups = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
                   else [range(len(inst)), range(len(inst), len(rows))])
 
+        local = torch.tensor(sorted(mine))
+        prompts = prompts[local].to(device)  # padded to the global batch's longest, above
+
         with accelerator.accumulate(unet, *text_encoders):
             if data.prompt_emb is not None:
-                states = data.prompt_emb[prompts.to(device), :length]
-                pooled = (data.prompt_pooled[prompts.to(device)]
+                states = data.prompt_emb[prompts, :length]
+                pooled = (data.prompt_pooled[prompts]
                           if data.prompt_pooled is not None else None)
             else:
                 with torch.set_grad_enabled(train_text):
                     states, pooled = encode_text(text_encoders, [
-                        ids[prompts.to(device), :length] for ids in data.prompt_ids])
+                        ids[prompts, :length] for ids in data.prompt_ids])
             preds, targets, all_t = [], [], []
+            done = 0  # local rows so far: states and pooled follow the local order
             for group in groups:
                 mean = torch.stack([rows[r][0] for r in group])
                 std = torch.stack([rows[r][1] for r in group])
-                # Noise is drawn on the CPU from the seeded generator: the same on any device.
-                sample_noise = torch.randn(mean.shape, generator=generator).to(device)
-                noise = draw_noise(mean.shape, generator, config.offset_noise).to(device)
+                # Noise is drawn on the CPU from the seeded generator: the same on any device
+                # and in every process, for the whole global batch.
+                sample_noise = torch.randn(mean.shape, generator=generator)
+                noise = draw_noise(mean.shape, generator, config.offset_noise)
                 timesteps = torch.randint(0, num_timesteps, (len(group),), generator=generator)
-                timesteps = timesteps.to(device)
+                keep = torch.tensor([j for j, r in enumerate(group) if r in mine])
+                mean, std, sample_noise, noise, timesteps = (
+                    t[keep].to(device) for t in (mean, std, sample_noise, noise, timesteps))
                 latents = mean + std * sample_noise
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 targets.append(noise_target(noise_scheduler, latents, noise, timesteps))
-                part = slice(group.start, group.stop)
+                part = slice(done, done + len(keep))
+                done += len(keep)
                 # SDXL's size and crop conditioning, with the pooled text embedding.
                 added = ({"text_embeds": pooled[part], "time_ids": torch.stack(
-                    [rows[r][2] for r in group]).to(device)} if sdxl else None)
+                    [rows[group[j]][2] for j in keep.tolist()]).to(device)} if sdxl else None)
                 preds.append(unet(noisy, timesteps, states[part],
                                   added_cond_kwargs=added).sample)
                 all_t.append(timesteps)
-            if len(groups) == 1:  # the first len(inst) rows are instance images
-                n = len(inst)
-                preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
+            if len(groups) == 1:  # the first n_inst local rows are instance images
+                preds = [preds[0][:n_inst], preds[0][n_inst:]]
+                targets = [targets[0][:n_inst], targets[0][n_inst:]]
             weights = (min_snr_weights(noise_scheduler, torch.cat(all_t), config.snr_gamma)
                        if config.snr_gamma > 0 else None)
             loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], preds[1],
@@ -184,6 +200,8 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
             sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
             micro += 1
             if accelerator.sync_gradients:
+                if world > 1:  # the loss of the global batch, the same in every process
+                    sums = accelerator.reduce(sums.to(device), reduction="mean").cpu()
                 # An infinite limit measures the norm without clipping (0 = no clipping).
                 grad_norm = accelerator.clip_grad_norm_(
                     params, config.max_grad_norm or float("inf"))

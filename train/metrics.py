@@ -35,12 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import UserError
+from .config import DEFAULT_CLIP, DEFAULT_DINO, UserError
 
 FEATURE_BUILTINS = ["tiny", "random"]
-# Where script/download-weights --eval puts the feature models.
-DEFAULT_DINO = "weights/dino-vits16"
-DEFAULT_CLIP = "weights/clip-vit-base-patch32"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -102,12 +99,9 @@ class FeatureModels:
     sources: dict                # {"dino": ..., "clip": ...}
 
 
-def load_feature_models(dino: str, clip: str, device: torch.device | str = "cpu"
-                        ) -> FeatureModels:
-    """Feature models from local folders (as script/download-weights writes them) or built-in
-    names (tiny, random), in fp32 on `device`, in eval mode."""
-    from transformers import CLIPModel, CLIPTokenizer, ViTModel
-
+def check_feature_models(dino: str, clip: str) -> None:
+    """Raise UserError unless both are built-in names or folders holding a model (cheap: run
+    before any model loads)."""
     for name, source in (("dino", dino), ("clip", clip)):
         if source not in FEATURE_BUILTINS and not (Path(source) / "config.json").is_file():
             raise UserError(
@@ -115,6 +109,15 @@ def load_feature_models(dino: str, clip: str, device: torch.device | str = "cpu"
                 f"--eval to fetch DINO and CLIP into weights/, or pass a folder holding a "
                 f"transformers model (config.json), or a built-in name "
                 f"({', '.join(FEATURE_BUILTINS)})")
+
+
+def load_feature_models(dino: str, clip: str, device: torch.device | str = "cpu"
+                        ) -> FeatureModels:
+    """Feature models from local folders (as script/download-weights writes them) or built-in
+    names (tiny, random), in fp32 on `device`, in eval mode."""
+    from transformers import CLIPModel, CLIPTokenizer, ViTModel
+
+    check_feature_models(dino, clip)
     built = {}
     if dino in FEATURE_BUILTINS or clip in FEATURE_BUILTINS:
         built = {name: build_feature_models(name) for name in {dino, clip} & set(FEATURE_BUILTINS)}

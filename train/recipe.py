@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -24,14 +25,21 @@ import torch
 
 from . import checkpoint
 from . import data as data_mod
+from . import distributed
 from .config import Concept, TrainConfig, UserError, concepts_of
+from .distributed import rank_and_size
 from .export import save_images, save_pipeline, versions, write_json, write_tar
 from .intake import Limits, outside_folders, prompt_words, read_images, require_images
+from .metrics import check_feature_models
 from .models import check_model, family
 
 
 def run(config: TrainConfig, log=print) -> Path:
-    """Train DreamBooth as `config` says; returns the path of the output tarball."""
+    """Train DreamBooth as `config` says; returns the path of the output tarball. In a
+    multi-process run (torchrun; train/distributed.py) only rank 0 logs and writes it."""
+    rank, world = rank_and_size()
+    if rank:
+        log = _silent
     if not config.output:
         raise UserError("output is required: the path of the tarball to write, e.g. model.tar")
     check_writable(config.output, config.work_dir)
@@ -77,48 +85,64 @@ def run(config: TrainConfig, log=print) -> Path:
     if config.use_8bit_adam:
         _bitsandbytes_adamw()
     check_model(*config.model_source())  # a model that cannot load is refused here, in ms
+    if config.evaluate:
+        check_feature_models(config.eval_dino, config.eval_clip)
     key = resume_meta = None
     if config.resume or config.checkpointing_steps:
         key = checkpoint.data_key(instance + classes)
     if config.resume:
         resume_meta = checkpoint.read_meta(config.resume)
-        checkpoint.check_resumable(resume_meta, config, key)
+        checkpoint.check_resumable(resume_meta, config, key, world)
         n_generate = [0] * len(concepts)  # the checkpoint has them
     if config.checkpointing_steps:
         check_writable(str(checkpoint.default_dir(config) / "x"), config.work_dir)
-    plan = make_plan(config, concepts, instance)
+    plan = make_plan(config, concepts, instance, world)
     for line in dataset_summary(config, concepts, instance, inst_skipped, classes, cls_skipped,
                                 n_generate, plan):
         log(line)
     phase("intake")
 
     # A fresh folder of our own (inside work_dir when given): removing it can lose nothing else.
+    # The other processes of a multi-process run write nothing: theirs is made only to unpack
+    # a checkpoint tarball to resume from.
     if config.work_dir:
         Path(config.work_dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir))
+    own = rank == 0 or (config.resume and Path(config.resume).is_file())
+    work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir)) if own else None
     try:
         return _train_and_export(config, concepts, plan, instance, inst_skipped, classes,
                                  cls_skipped, n_generate, key, work, timings, phase, log)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+        distributed.finish()
 
 
 def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, cls_skipped,
                       n_generate, key, work, timings, phase, log):
     _quiet_libraries()
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from diffusers import DDPMScheduler
 
     from .intake import Example
     from .loop import Diverged, LoopState, train
     from .models import load_pipeline
-    from .sampling import generate
+    from .sampling import generate, sampler
 
     torch.manual_seed(config.seed)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, cuda)
+    if cuda:  # TF32 for the fp32 matmuls mixed precision leaves (latent caching); none when
+        # the user asked for full fp32. set_float32_matmul_precision, not fp32_precision: torch
+        # refuses a mix of that new API with the allow_tf32 flags accelerate sets.
+        torch.set_float32_matmul_precision("highest" if precision == "no" else "high")
+    # SDXL conditions on the first text encoder's penultimate layer: its last layer gets no
+    # gradient, which DDP (several processes) must be told to expect.
+    unused = config.train_text_encoder and check_model(*config.model_source()) == "sdxl"
     accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
-                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=unused)])
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     mode = "fp32" if precision == "no" else f"{precision} mixed precision"
@@ -135,20 +159,46 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
         return (torch.autocast("cuda", dtype=weight_dtype) if precision != "no"
                 else contextlib.nullcontext())
 
+    # Several processes split the images; each image has its own seed, so they are the same
+    # images whichever process draws them.
+    main = accelerator.is_main_process
     generated = _checkpoint_class_images(resumed, concepts) if resumed else []
     for k, (concept, count) in enumerate(zip(concepts, n_generate)):
         if count <= 0:
             continue
+        mine = distributed.share(accelerator.process_index, count, accelerator.num_processes)
         with half():
-            made = generate(pipe, concept.class_prompt, count,
+            made = generate(pipe, concept.class_prompt, len(mine),
                             batch_size=config.sample_batch_size,
                             steps=config.class_infer_steps, guidance=7.5, seed=config.seed + k,
-                            resolution=config.resolution, label="class images", log=log)
+                            resolution=config.resolution, first=mine.start, log=log,
+                            scheduler=sampler(pipe, config.class_scheduler),
+                            label="class images" if accelerator.num_processes == 1 else
+                            f"class images (rank 0's share of {count})")
+        made = distributed.all_gather(made)
         folder = f"generated/{k}" if len(concepts) > 1 else "generated"
         generated += [Example(f"{folder}/{i:04d}.png", concept.class_prompt, im.size, im,
                               concept=k) for i, im in enumerate(made)]
     classes += generated
     phase("class_images")
+
+    # The evaluation's feature models, and the base model's own predictions for its denoising
+    # proxies, taken now: the weights are about to change.
+    features, probes = None, []
+    if config.evaluate and main:
+        from .evaluate import denoising_probe
+        from .metrics import load_feature_models
+
+        features = load_feature_models(config.eval_dino, config.eval_clip, device)
+        for k, concept in enumerate(concepts):
+            with half():
+                probes.append(denoising_probe(
+                    pipe, [ex.image for ex in instance if ex.concept == k],
+                    concept.instance_prompt, concept.class_prompt,
+                    resolution=config.resolution, seed=config.seed, held_out=False,
+                    steps=config.save_infer_steps, guidance=config.save_guidance_scale,
+                    log=log))
+        phase("probe")
 
     # 3. Cache latents once; and text embeddings too when the text encoders stay frozen.
     # SDXL has two text encoders (and tokenizers); both train, or both stay frozen.
@@ -191,20 +241,26 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     ema_names = [n for n in trainable if n.startswith("unet.")]
     ema = ({n: trainable[n].detach().float().clone() for n in ema_names}
            if config.use_ema else None)
-    out = work / "output"
-    (out / "samples").mkdir(parents=True)
+    out = work / "output" if main else None
+    if main:
+        (out / "samples").mkdir(parents=True)
     if resumed:
         state = checkpoint.restore(resumed, trainable=trainable, optimizer=optimizer,
                                    lr_scheduler=lr_scheduler, scaler=accelerator.scaler, ema=ema)
-        if (resumed / "samples").is_dir():
+        if main and (resumed / "samples").is_dir():
             shutil.copytree(resumed / "samples", out / "samples", dirs_exist_ok=True)
         log(f"resume: {resumed} (step {state.step}, {len(generated)} class images from it)")
     else:
         state = LoopState.start(config.seed)
-    ckpt_root = checkpoint.default_dir(config) if config.checkpointing_steps else None
+    # Every process holds the same state after each step: rank 0 saves it.
+    ckpt_root = checkpoint.default_dir(config) if config.checkpointing_steps and main else None
     # Encoded once: every checkpoint stores the generated class images.
     class_pngs = ({f"class_images/{ex.file}": _png(ex.image) for ex in generated}
                   if ckpt_root else {})
+    # Each checkpoint's scores, so the final report can name the best balanced one; a resumed
+    # run carries on the list its checkpoint holds.
+    scored = (json.loads((resumed / "evaluations.json").read_text())
+              if resumed and (resumed / "evaluations.json").is_file() else [])
     log(f"training: {plan['steps']} steps" + (f", from step {state.step}" if state.step else ""))
     every = [n for n in (config.checkpointing_steps, config.sample_every) if n]
     try:
@@ -219,7 +275,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
                           log_every=plan["log_every"],
                           ema=list(ema.values()) if ema else None,
                           ema_params=[trainable[n] for n in ema_names], log=log)
-            if config.sample_every and state.step % config.sample_every == 0 \
+            if main and config.sample_every and state.step % config.sample_every == 0 \
                     and state.step < plan["steps"]:
                 with half():
                     _render_samples(pipe, config, out / "samples" / f"step-{state.step:06d}",
@@ -227,11 +283,24 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
             if ckpt_root and state.step % config.checkpointing_steps == 0:
                 files = class_pngs | {f"samples/{p.relative_to(out / 'samples')}":
                                       p.read_bytes() for p in (out / "samples").rglob("*.png")}
+                # The last step's model is scored once, after training (with EMA, if on).
+                if config.evaluate and state.step < plan["steps"]:
+                    folder = work / "evaluation" / f"step-{state.step:06d}"
+                    reports = _evaluate(pipe, config, concepts, instance, features, probes,
+                                        folder, log)
+                    scored.append({"step": state.step, "checkpoint": str(
+                        ckpt_root / f"step-{state.step:06d}"), "reports": _brief(reports)})
+                    files |= {f"evaluation/{p.relative_to(folder)}": p.read_bytes()
+                              for p in folder.rglob("*") if p.is_file()}
+                    shutil.rmtree(folder)
+                if config.evaluate:
+                    files["evaluations.json"] = json.dumps(scored).encode()
                 saved = checkpoint.save(ckpt_root, state=state, trainable=trainable,
                                         optimizer=optimizer, lr_scheduler=lr_scheduler,
                                         scaler=accelerator.scaler, ema=ema, config=config,
                                         key=key, files=files,
-                                        limit=config.checkpoints_total_limit)
+                                        limit=config.checkpoints_total_limit,
+                                        processes=accelerator.num_processes)
                 log(f"checkpoint: {saved}")
     except Diverged as e:
         kept = checkpoint.complete(ckpt_root) if ckpt_root else []
@@ -246,9 +315,16 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
             for name in ema_names:
                 trainable[name].copy_(ema[name])
     history = state.history
+    # DDP keeps the processes' weights identical; say so only after checking it.
+    agreed = distributed.all_gather([_fingerprint(trainable)])
+    if len(set(agreed)) > 1:
+        raise RuntimeError(f"the {len(agreed)} training processes ended with different weights "
+                           f"({agreed}): a bug, please report it")
     del optimizer, lr_scheduler, data, trainable, ema
     accelerator.free_memory()
     phase("train")
+    if not main:  # rank 0 writes the outputs
+        return Path(config.output)
 
     # 5. Samples, then the outputs and the tarball.
     samples = []
@@ -257,12 +333,23 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
             _render_samples(pipe, config, out / "samples", log)
         samples = sorted(str(p.relative_to(out)) for p in (out / "samples").rglob("*.png"))
     phase("samples")
+    evaluation = None
+    if config.evaluate:  # before the export, which casts the weights to save_precision
+        with half():
+            reports = _evaluate(pipe, config, concepts, instance, features, probes, out, log)
+        final = {"step": plan["steps"], "reports": _brief(reports), "checkpoint": (
+            str(ckpt_root / f"step-{plan['steps']:06d}") if ckpt_root
+            and plan["steps"] % config.checkpointing_steps == 0 else None)}
+        evaluation = _pick_checkpoint(scored + [final], out, len(concepts), log)
+        del features, probes
+        phase("evaluate")
     files = _export(pipe, config, out, base_weights)
     phase("export")
     record = {
         "config": config.to_dict(),
         "plan": plan,
         "device": str(device),
+        "processes": {"count": accelerator.num_processes, "weights": agreed},
         "mixed_precision": precision,
         "versions": versions(),
         "timings": timings,
@@ -272,6 +359,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
             "class": {"used": [ex.report() for ex in classes], "skipped": cls_skipped},
         },
         "samples": samples,
+        "evaluation": evaluation,
         "history": history,
     }
     if not samples:
@@ -282,6 +370,16 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     log(f"done: wrote {config.output} ({size / 2**20:.1f} MiB) in "
         f"{sum(timings.values()):.1f}s")
     return Path(config.output)
+
+
+def _fingerprint(trainable: dict) -> str:
+    """A digest of the trained weights (each tensor's sum in float64, computed where it lives)
+    that processes compare."""
+    import hashlib
+
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in trainable.values()]).cpu()
+    return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
 
 
 def _trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
@@ -340,6 +438,55 @@ def _render_samples(pipe, config, folder: Path, log) -> list[str]:
                       negative_prompt=config.save_sample_negative_prompt, label="samples",
                       log=log)
     return save_images(images, folder, "sample")
+
+
+def _evaluate(pipe, config, concepts, instance, features, probes, folder: Path, log) -> list:
+    """Score the model as it is now, one report per concept, written into `folder` (or
+    folder/evaluation/k with several concepts). Leaves the UNet and text encoders in eval mode:
+    the next training segment puts them back in train mode."""
+    from .evaluate import evaluate
+
+    pipe.unet.eval()
+    reports = []
+    for k, concept in enumerate(concepts):
+        where = folder if len(concepts) == 1 else folder / "evaluation" / str(k)
+        reports.append(evaluate(
+            pipe, [ex.image for ex in instance if ex.concept == k], concept.instance_prompt,
+            concept.class_prompt, features, where, prompts=config.eval_prompt_list(),
+            n_per_prompt=config.eval_images_per_prompt, steps=config.save_infer_steps,
+            guidance=config.save_guidance_scale, seed=config.seed,
+            resolution=config.resolution, batch_size=config.sample_batch_size,
+            probe=probes[k], log=log))
+    return reports
+
+
+def _brief(reports: list[dict]) -> list[dict]:
+    """What training.json and the checkpoint list keep of each concept's report."""
+    return [{"metrics": r["metrics"], "proxies": r["proxies"]} for r in reports]
+
+
+def _pick_checkpoint(candidates: list[dict], out: Path, n_concepts: int, log) -> dict:
+    """Name the checkpoint (or the final model: the last candidate) that balances subject and
+    prompt fidelity best, in each concept's evaluation.json; returns what training.json
+    records of it."""
+    from .evaluate import pick_balanced
+
+    balanced = []
+    for k in range(n_concepts):
+        best = candidates[pick_balanced([c["reports"][k] for c in candidates])]
+        balanced.append({"step": best["step"], "checkpoint": best["checkpoint"]})
+        path = out / "evaluation.json" if n_concepts == 1 else (
+            out / "evaluation" / str(k) / "evaluation.json")
+        report = json.loads(path.read_text())
+        report["checkpoints"] = [{"step": c["step"], "checkpoint": c["checkpoint"],
+                                  **c["reports"][k]} for c in candidates]
+        report["balanced"] = balanced[-1]
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        if len(candidates) > 1:
+            where = "the final model" if best is candidates[-1] else best["checkpoint"]
+            log(f"evaluation: the best balance of subject and prompt fidelity is at step "
+                f"{best['step']} ({where})")
+    return {"checkpoints": candidates, "balanced": balanced}
 
 
 def _export(pipe, config, out: Path, base_weights) -> list[str]:
@@ -407,6 +554,10 @@ def _checkpoint_class_images(folder: Path, concepts: list[Concept]) -> list:
     return examples
 
 
+def _silent(_line: str) -> None:
+    """The log of every process but rank 0."""
+
+
 def check_writable(output: str, work_dir: str | None) -> None:
     """Refuse an output or work folder that cannot be written, before hours of training."""
     out = Path(output)
@@ -421,19 +572,24 @@ def check_writable(output: str, work_dir: str | None) -> None:
                             f"folder)")
 
 
-def make_plan(config: TrainConfig, concepts: list[Concept], instance: list) -> dict:
+def make_plan(config: TrainConfig, concepts: list[Concept], instance: list,
+              processes: int = 1) -> dict:
     """Resolve training length and learning rate. `max_train_steps` wins when it is set;
     0 means train for `num_train_epochs` epochs. An epoch pairs each concept's instance images
-    with its class images: max(instances, class images) pairs per concept."""
+    with its class images: max(instances, class images) pairs per concept. Each optimizer step
+    takes train_batch_size pairs in each of `processes` processes, gradient_accumulation_steps
+    times: that product is the effective batch (and scale_lr's factor)."""
     prior = config.with_prior_preservation
     counts = [(sum(ex.concept == k for ex in instance), c.num_class_images if prior else 0)
               for k, c in enumerate(concepts)]
     pairs = sum(max(n_inst, n_cls) for n_inst, n_cls in counts)
-    per_epoch = data_mod.steps_per_epoch(pairs, config.train_batch_size,
+    per_epoch = data_mod.steps_per_epoch(pairs, config.train_batch_size * processes,
                                          config.gradient_accumulation_steps)
     steps = config.max_train_steps or config.num_train_epochs * per_epoch
-    scale = config.train_batch_size * config.gradient_accumulation_steps
+    scale = config.train_batch_size * config.gradient_accumulation_steps * processes
     return {
+        "processes": processes,
+        "effective_batch": scale,
         "steps": steps,
         "steps_per_epoch": per_epoch,
         "epochs": round(steps / per_epoch, 3),
@@ -473,7 +629,9 @@ def dataset_summary(config, concepts, instance, inst_skipped, classes, cls_skipp
           else f"num_train_epochs={config.num_train_epochs}")
     lines.append(f"plan: {plan['steps']} steps ({plan['epochs']} epochs of "
                  f"{plan['steps_per_epoch']} steps, set by {by}), batch "
-                 f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation, "
+                 f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation"
+                 + (f" x {plan['processes']} processes" if plan["processes"] > 1 else "")
+                 + f", "
                  f"lr {plan['learning_rate']:.1e} {plan['lr_scheduler']}, text encoder "
                  f"{'trained' if config.train_text_encoder else 'frozen'}")
     for concept in concepts:

@@ -1,7 +1,11 @@
 """Image generation with a pipeline: class images before training, samples after it.
 
-Images are made in batches of `batch_size` from one seeded CPU generator (the same images on any
-device for a given seed), with a progress line per batch.
+Images are made in batches of `batch_size`, with a progress line per batch. Image i of a seed
+starts from noise of its own seeded CPU generator: the same image on any device, at any batch
+size, and whichever process of a multi-process run draws it (`first` says where a process's
+share begins). Class images may use another sampler than the pipeline's own (`sampler`, the
+class_scheduler setting): it is swapped in on the same pipeline for the call and the pipeline's
+own put back, so samples and the exported scheduler stay the base model's.
 """
 
 from __future__ import annotations
@@ -10,20 +14,55 @@ import time
 
 import torch
 
+# class_scheduler name -> (diffusers class, options over the base model's scheduler config, which
+# keeps its beta schedule and prediction type). Every one starts from t=999 ("trailing"), as the
+# pure noise it starts from is; DDIM must not clip: latents are not images in [-1, 1].
+SAMPLERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                  timestep_spacing="trailing")),
+    "ddim": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing")),
+    "euler": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing")),
+}
+
+
+def sampler(pipe, name: str):
+    """The scheduler a class_scheduler name means for this pipeline ("base": its own)."""
+    if name == "base":
+        return pipe.scheduler
+    import diffusers
+
+    cls, options = SAMPLERS[name]
+    return getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+
 
 def generate(pipe, prompt: str, count: int, *, batch_size: int, steps: int, guidance: float,
              seed: int, resolution: int, negative_prompt: str | None = None, label: str = "images",
-             log=print) -> list:
-    """`count` PIL images of `prompt` at `resolution` x `resolution`."""
-    generator = torch.Generator().manual_seed(seed)
+             first: int = 0, scheduler=None, log=print) -> list:
+    """`count` PIL images of `prompt` at `resolution` x `resolution`: images first, first+1,
+    ... of `seed`; with `scheduler` in place of the pipeline's own for this call."""
     images, start = [], time.perf_counter()
-    while len(images) < count:
-        n = min(batch_size, count - len(images))
-        with torch.no_grad():
-            out = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
-                       num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                       width=resolution, generator=generator)
-        images.extend(out.images)
-        elapsed = time.perf_counter() - start
-        log(f"{label}: {len(images)}/{count}  {len(images) / elapsed:.2f} images/s")
+    own = pipe.scheduler
+    if scheduler is not None:
+        pipe.scheduler = scheduler  # on the same pipeline: no second copy of the model
+    try:
+        while len(images) < count:
+            n = min(batch_size, count - len(images))
+            index = first + len(images)
+            generator = [torch.Generator().manual_seed(image_seed(seed, i))
+                         for i in range(index, index + n)]
+            with torch.no_grad():
+                out = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
+                           num_inference_steps=steps, guidance_scale=guidance,
+                           height=resolution, width=resolution, generator=generator)
+            images.extend(out.images)
+            elapsed = time.perf_counter() - start
+            log(f"{label}: {len(images)}/{count}  {len(images) / elapsed:.2f} images/s")
+    finally:
+        pipe.scheduler = own  # model_index.json names it too, and the export writes that
     return images
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a run seeded `seed`: distinct for every (seed, index) pair
+    a run uses (seed below 2**32, fewer than 100003 images)."""
+    return seed * 100003 + index
