@@ -166,10 +166,10 @@ def measure_scenario(name: str, steps: int | None = None,
     row.update(device=torch.cuda.get_device_name() if cuda else "cpu",
                mixed_precision=record["mixed_precision"], steps=len(times),
                step_s=round(step, 5), steps_per_s=round(1 / step, 2),
-               tflops=round(row["flops_per_step"] / step / 1e12, 4),
+               tflops=float(f"{row['flops_per_step'] / step / 1e12:.3g}"),
                class_images=config.num_class_images,
                class_sampler=f"{config.class_scheduler} {config.class_infer_steps}",
-               class_images_per_s=round(config.num_class_images / timings["class_images"], 2),
+               class_images_per_s=float(f"{config.num_class_images / timings['class_images']:.3g}"),
                phases=timings, total_s=round(sum(timings.values()), 2))
     if cuda:
         row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -303,9 +303,10 @@ def measure_samplers(model: str = "tiny", resolution: int = 64, count: int = 8,
                      scheduler=sampler(pipe, name), log=lambda _: None)
             wall[name, steps].append(time.perf_counter() - start)
             cpu[name, steps].append(time.process_time() - start_cpu)
+    # Three significant digits: a rate rounded to fixed decimals reads 0 on a busy machine.
     return [{"sampler": name, "steps": steps,
-             "images_per_s": round(count / min(wall[name, steps]), 2),
-             "cpu_s_per_image": round(min(cpu[name, steps]) / count, 3)}
+             "images_per_s": float(f"{count / min(wall[name, steps]):.3g}"),
+             "cpu_s_per_image": float(f"{min(cpu[name, steps]) / count:.3g}")}
             for name, steps in choices]
 
 
