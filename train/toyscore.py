@@ -10,7 +10,7 @@ For any RGB image (a rendered scene, or a sample from a model of the world):
                not background connected to the border, holes filled)
   shape        circle, square, triangle or star: a small CNN on the shape's silhouette (so it
                ignores colour), trained on world scenes blurred and noised like samples are;
-               its weights ship as train/toy_scorer.safetensors (~100 KB)
+               its weights ship as train/toy_scorer.safetensors (~350 KB)
   is_subject   the DreamBooth subject (toyworld.SUBJECT): a circle whose core is the core colour
                and whose rim is the subject's colour
 

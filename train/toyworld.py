@@ -1,8 +1,8 @@
 """The toy world: coloured shapes on coloured backgrounds, generated in code, with captions.
 
-A world small enough that a Stable-Diffusion-shaped model learns it on a CPU in half an hour
-(train/toy_pretrain.py) and that scorers can judge exactly (train/toyscore.py), so that the
-DreamBooth recipe can be measured for real (train/toy_bench.py, QUALITY.md).
+A world small enough that a Stable-Diffusion-shaped model can learn it on a CPU and that scorers
+can judge exactly (train/toyscore.py), so that the DreamBooth recipe can be measured for real
+(the pretrained `toy` model and the benchmark on it are work in progress, issue 9).
 
     python -m train.toyworld out/ --count 16      # write 16 scenes and their captions
 
