@@ -29,6 +29,20 @@ def test_scenes_have_what_they_say():
         assert (scene.shape, scene.colour, scene.background) not in world.HELD_OUT
 
 
+def test_images_are_drawn_in_pixel_blocks_and_collages_are_no_scenes():
+    rng = np.random.default_rng(11)
+    images = [np.asarray(world.render(world.random_scene(rng))) for _ in range(10)]
+    collages = [np.asarray(world.collage(rng)) for _ in range(40)]
+    palette = {tuple(c) for c in world.PALETTE.values()}
+    for image in images + collages:
+        blocks = image[::world.PIXEL, ::world.PIXEL]
+        assert (image == blocks.repeat(world.PIXEL, 0).repeat(world.PIXEL, 1)).all()
+        assert {tuple(p) for p in image.reshape(-1, 3)} <= palette
+    # collages show more than a scene can: three colours or more in most of them
+    many = [len({tuple(p) for p in c.reshape(-1, 3)}) >= 3 for c in collages]
+    assert sum(many) >= 30
+
+
 def test_held_out_combinations_are_drawn_only_on_request():
     rng = np.random.default_rng(8)
     held = [world.random_scene(rng, held_out="only") for _ in range(30)]
@@ -72,9 +86,9 @@ def test_subject_detector_needs_both_core_and_rim():
     rng = np.random.default_rng(10)
     subject = world.subject_scene(rng, "green")
     plain = world.Scene("circle", world.SUBJECT["colour"], "green", subject.radius, subject.cx,
-                        subject.cy, 0.0)
+                        subject.cy)
     white = world.Scene("circle", world.SUBJECT["core"], "green", subject.radius, subject.cx,
-                        subject.cy, 0.0)
+                        subject.cy)
     # on a background of the core's colour the core is a hole in the shape, still the subject
     on_core = world.subject_scene(rng, world.SUBJECT["core"])
     got = toyscore.score([world.render(s) for s in (subject, plain, white, on_core)])

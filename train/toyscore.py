@@ -1,6 +1,6 @@
 """Scorers for the toy world (train/toyworld.py): what an image shows, read back from its pixels.
 
-    python -m train.toyscore --train      # retrain the shape classifier (~6 min on a CPU)
+    python -m train.toyscore --train      # retrain the shape classifier (~2 min on 2 cores)
     python -m train.toyscore --check      # its accuracy on fresh, degraded scenes
 
 For any RGB image (a rendered scene, or a sample from a model of the world):

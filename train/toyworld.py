@@ -2,12 +2,14 @@
 
 A world small enough that a Stable-Diffusion-shaped model can learn it on a CPU and that scorers
 can judge exactly (train/toyscore.py), so that the DreamBooth recipe can be measured for real
-(the pretrained `toy` model and the benchmark on it are work in progress, issue 9).
+(train/toy_pretrain.py pretrains `toy` on it; train/toy_bench.py and QUALITY.md measure
+DreamBooth on that).
 
     python -m train.toyworld out/ --count 16      # write 16 scenes and their captions
 
-A scene is a shape (circle, square, triangle or star) of one palette colour, of random size,
-position and rotation, on a background of another palette colour, at 64 x 64 pixels:
+A scene is an upright shape (circle, square, triangle or star) of one palette colour, of random
+size and position, on a background of another palette colour, at 64 x 64 pixels drawn in
+2 x 2 blocks (PIXEL):
 
     a photo of a red star on a blue background
 
@@ -17,7 +19,8 @@ Captions also come shorter (`a photo of a star on a blue background`, `a photo o
 whether the model composes attributes or only memorised the combinations it saw.
 
 The DreamBooth subject is drawn here too: a white circle with a black core (an eye), a look the
-world never shows (every world shape is one flat colour).
+world never shows (every world shape is one flat colour). So are collages, images of several
+shapes over each other that no caption describes, for training the autoencoder alone.
 """
 
 from __future__ import annotations
@@ -52,8 +55,14 @@ SUBJECT_BACKGROUNDS = ("green", "blue", "yellow")
 SUBJECT_NEW_BACKGROUND = "red"
 # Radius range (pixels, centre to corner/edge) and the margin kept clear at the border, so the
 # border shows the background only.
-RADIUS = (11, 22)
+RADIUS = (12, 24)
 MARGIN = 3
+# Scenes are drawn on a grid of PIXEL x PIXEL blocks (32 x 32 cells at 64 px). The toy
+# autoencoder's 4x latents then hold a scene as plainly as a 2x one holds a 32 px image: with
+# detail at every one of the 64 pixels, its latents were a dense code that the toy UNet had not
+# learned to draw after 70 minutes (shapes came out as blobs), while a 32 px world was learned
+# in 30 (../shared/TOYWORLD.md). 64 px remains the size of every image, as `resolution` needs.
+PIXEL = 2
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,6 @@ class Scene:
     radius: float
     cx: float
     cy: float
-    angle: float          # radians; circles ignore it
     subject: bool = False  # the bullseye: the shape's core in SUBJECT["core"]
 
 
@@ -113,45 +121,69 @@ def _placed(rng, shape, colour, background, subject) -> Scene:
     radius = float(rng.uniform(*RADIUS))
     lo, hi = radius + MARGIN, SIZE - radius - MARGIN
     return Scene(shape, colour, background, radius, float(rng.uniform(lo, hi)),
-                 float(rng.uniform(lo, hi)), float(rng.uniform(0, 2 * math.pi)), subject)
+                 float(rng.uniform(lo, hi)), subject)
 
 
-def outline(shape: str, radius: float, cx: float, cy: float, angle: float) -> list[tuple]:
-    """The polygon of a square, triangle or star: vertices at `radius` from the centre."""
+def outline(shape: str, radius: float, cx: float, cy: float) -> list[tuple]:
+    """The polygon of an upright square, triangle or star: vertices at `radius` from the centre.
+    Upright, not rotated at random: with random rotations the toy UNet drew every polygon as a
+    blob (shape right in ~60 % of samples after 3 000 steps, while colours and backgrounds were
+    right in 100 %); a world with rotations would need a bigger model than 30 CPU minutes train."""
     if shape == "square":
-        n, radii = 4, [radius]
+        n, radii, start = 4, [radius], math.pi / 4  # sides level with the image's
     elif shape == "triangle":
-        n, radii = 3, [radius]
+        n, radii, start = 3, [radius], -math.pi / 2  # a point at the top
     elif shape == "star":
-        n, radii = 10, [radius, radius * 0.45]  # 5 points: outer and inner vertices alternate
+        n, radii, start = 10, [radius, radius * 0.45], -math.pi / 2  # 5 points, one at the top
     else:
         raise ValueError(f"no polygon for {shape!r}")
-    return [(cx + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
-             cy + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n))
+    return [(cx + radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / n),
+             cy + radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / n))
             for i in range(n)]
 
 
 def render(scene: Scene, size: int = SIZE) -> Image.Image:
     """The scene as an RGB image, hard-edged (every pixel a palette colour), `size` pixels
-    square (coordinates are for SIZE and scale with it)."""
-    k = size / SIZE
-    image = Image.new("RGB", (size, size), PALETTE[scene.background])
-    draw = ImageDraw.Draw(image)
+    square, drawn on cells of PIXEL x PIXEL pixels (coordinates are for SIZE, scaled)."""
+    image, draw, k = _canvas(scene.background, size)
     r, cx, cy = scene.radius * k, scene.cx * k, scene.cy * k
-    fill = PALETTE[scene.colour]
-    if scene.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon(outline(scene.shape, r, cx, cy, scene.angle), fill=fill)
+    _draw_shape(draw, scene.shape, scene.colour, r, cx, cy)
     if scene.subject:
-        rc = r * SUBJECT["core_ratio"]
-        draw.ellipse([cx - rc, cy - rc, cx + rc, cy + rc], fill=PALETTE[SUBJECT["core"]])
-    return image
+        _draw_shape(draw, "circle", SUBJECT["core"], r * SUBJECT["core_ratio"], cx, cy)
+    return image.resize((size, size), Image.NEAREST)
 
 
 def render_array(scenes: list[Scene], size: int = SIZE) -> np.ndarray:
     """Scenes as one uint8 array [n, size, size, 3]."""
     return np.stack([np.asarray(render(s, size)) for s in scenes])
+
+
+def collage(rng: np.random.Generator, size: int = SIZE) -> Image.Image:
+    """An image that is no scene: 2-4 shapes of any class, colour and size (radius 3-24 px),
+    overlapping at random, on a random background. For the autoencoder only, which must draw
+    images the world's captions never describe (shapes on or inside other shapes, such as the
+    DreamBooth subject) as Stable Diffusion's autoencoder draws any photo; trained on scenes
+    alone, it drew a black core inside a white circle on green as green."""
+    image, draw, k = _canvas(COLOURS[rng.integers(len(COLOURS))], size)
+    for _ in range(rng.integers(2, 5)):
+        r = float(rng.uniform(3, RADIUS[1]))
+        cx, cy = rng.uniform(0, SIZE, 2)
+        _draw_shape(draw, SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))],
+                    r * k, cx * k, cy * k)
+    return image.resize((size, size), Image.NEAREST)
+
+
+def _canvas(background: str, size: int):
+    cells = size // PIXEL
+    image = Image.new("RGB", (cells, cells), PALETTE[background])
+    return image, ImageDraw.Draw(image), cells / SIZE
+
+
+def _draw_shape(draw, shape: str, colour: str, r: float, cx: float, cy: float) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=PALETTE[colour])
+    else:
+        draw.polygon(outline(shape, r, cx, cy), fill=PALETTE[colour])
 
 
 def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
