@@ -262,8 +262,9 @@ class TrainConfig:
         ge=1, le=170, cog=False)  # Pillow itself refuses more than 179 Mpx
     model: str = setting(
         "weights", "Base model: a diffusers folder, a single-file .safetensors checkpoint (its "
-                   "configs and tokenizer come from weights/), or a built-in name (tiny, "
-                   "tiny-sd2, tiny-sdxl, random-sd15); Cog reads BASE_MODEL", cog=False)
+                   "configs and tokenizer come from weights/), a built-in name (tiny, "
+                   "tiny-sd2, tiny-sdxl, random-sd15) or toy (pretrained on the toy world of "
+                   "shapes, QUALITY.md); Cog reads BASE_MODEL", cog=False)
     output: str | None = setting(None, "Path of the output tarball (.tar)", cog=False)
     work_dir: str | None = setting(
         None, "Folder in which a temporary work folder is made and removed at the end "

@@ -10,6 +10,11 @@ Built-in names (no download, random weights fixed by a seed):
   random-sd15  The full-size SD 1.5 architecture (860 M UNet, CLIP-L text encoder, full VAE).
                Speed and memory are those of the real model: for GPU benchmarks.
 
+Shipped pretrained (a diffusers folder in the project, made by its own script):
+  toy          SD 1.x family at 64 px, pretrained on the toy world of shapes (train/toyworld.py)
+               by train/toy_pretrain.py; it follows prompts such as "a photo of a red star on a
+               blue background". For measuring DreamBooth for real (train/toy_bench.py).
+
     python -c "from train.models import load_pipeline; print(load_pipeline('tiny', 'cpu'))"
 
 A single-file `.safetensors` checkpoint loads with diffusers' `from_single_file`, taking its
@@ -36,6 +41,7 @@ TOKENIZER_WORDS = (
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+SHIPPED = {"toy": Path(__file__).resolve().parent / "toy"}
 
 
 def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None):
@@ -43,6 +49,7 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
     off, from local files only. `config_folder` is needed (and only used) for a single file."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    model = str(SHIPPED.get(model, model))
     kind = check_model(model, config_folder)
     if model in BUILTIN:
         pipe = build_builtin(model, device)
@@ -77,6 +84,7 @@ def _from_single_file(cls, path: Path, config_folder: str, options: dict):
 def check_model(model: str, config_folder: str | None = None) -> str:
     """Refuse a model that cannot load, in milliseconds and before any weights are read; return
     its family ("sd1", "sd2" or "sdxl"). A single file is recognised by its key names alone."""
+    model = str(SHIPPED.get(model, model))
     if model in BUILTIN:
         return BUILTIN[model][0]
     path = Path(model)
@@ -84,7 +92,7 @@ def check_model(model: str, config_folder: str | None = None) -> str:
         raise UserError(
             f"model {model!r} not found: run script/download-weights to fetch Stable "
             f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
-            f"or a built-in name ({', '.join(BUILTIN)})")
+            f"or a built-in name ({', '.join([*BUILTIN, *SHIPPED])})")
     if path.is_dir():
         return _folder_family(path, "model")
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -207,15 +215,15 @@ def build_builtin(name: str, device: torch.device | str = "cpu"):
         requires_safety_checker=False)
 
 
-def build_tokenizer(pad_token: str = "<|endoftext|>"):
+def build_tokenizer(pad_token: str = "<|endoftext|>", words=TOKENIZER_WORDS):
     """A CLIPTokenizer built offline: CLIP's byte alphabet, each byte also as a word end
-    (`x</w>`), and merges that make each of TOKENIZER_WORDS one token. Any text tokenizes."""
+    (`x</w>`), and merges that make each of `words` one token. Any text tokenizes."""
     from transformers import CLIPTokenizer
 
     alphabet = _byte_alphabet()
     vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
     merges: list[tuple[str, str]] = []
-    for word in TOKENIZER_WORDS:
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
