@@ -1,0 +1,60 @@
+"""The shipped `toy` model loads as a built-in and follows prompts, and DreamBooth on it learns
+the subject while prior preservation keeps the class apart from it: a reduced
+train/toy_bench.py run (the full one, and its numbers, are in QUALITY.md).
+
+    .venv/bin/python -m pytest tests/test_toy.py -q      # a few minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train import toy_bench
+from train.models import check_model, load_pipeline
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The toy model is small: one thread is as fast, and far faster on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_toy_is_a_builtin_sd1_folder():
+    assert check_model("toy") == "sd1"
+    pipe = load_pipeline("toy", "cpu")
+    assert pipe.unet.dtype == torch.float32  # shipped in fp16, loaded in fp32 for training
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    ids = pipe.tokenizer("a photo of sks circle on a blue background").input_ids
+    assert len(ids) == 2 + 9  # start, end and one token per word: the world's words are whole
+
+
+def test_toy_follows_prompts():
+    # The full measurement (64 prompts a set) is in QUALITY.md; 16 a set here, with a margin
+    # for the smaller sample.
+    report = toy_bench.world_fidelity(load_pipeline("toy", "cpu"), n=16, seed=5)
+    for name in ("seen", "held_out", "no_colour"):
+        assert report[name]["all"] >= 0.75, (name, report)
+
+
+@pytest.fixture(scope="module")
+def reduced_runs():
+    """The default recipe and the same without prior preservation, at equal steps, on fewer
+    class images and samples than the full benchmark."""
+    reduced = dict(n_per_background=4, n_class=16, num_class_images=16)
+    return (toy_bench.bench_variant("default", **reduced),
+            toy_bench.bench_variant("no_prior", **reduced))
+
+
+def test_dreambooth_learns_the_subject(reduced_runs):
+    with_prior, _ = reduced_runs
+    assert with_prior["subject_fidelity"] >= 0.5, with_prior
+    assert with_prior["prompt_fidelity"] >= 0.5, with_prior
+
+
+def test_prior_preservation_keeps_the_class_apart_from_the_subject(reduced_runs):
+    with_prior, without = reduced_runs
+    assert with_prior["pres"] < without["pres"], (with_prior, without)
