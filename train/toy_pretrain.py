@@ -24,7 +24,7 @@ then `save` writes the diffusers folder in fp16 (train/toy/, a few MB, committed
 project's own exporter, so `--model toy` works offline. Every setting is in SETTINGS below; the
 run's numbers (stage times, loss history) go into train/toy/pretraining.json. HELD_OUT
 combinations of the world are never drawn for the diffusion stage. On a 2-core CPU the whole
-run takes about 27 minutes (QUALITY.md has the command that made the shipped model and what
+run takes about 28 minutes (QUALITY.md has the command that made the shipped model and what
 it scores).
 """
 
@@ -60,7 +60,6 @@ SETTINGS = dict(
     steps=3000, batch=32, lr=1e-3, warmup=100, caption_dropout=0.1, offset_noise=0.1,
     ema_decay=0.999, grad_clip=1.0,
     snr_gamma=5.0,        # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
-    save_every=0,         # if > 0, also write the EMA pipeline to WORK/pipeline-STEP this often
     init="",              # a pipeline folder to go on training from, instead of fresh weights
 )
 # 4x down, not SD's 8x: an 8x toy autoencoder (16-64 channels) had not learned colours after
@@ -166,20 +165,17 @@ def encode_world(vae, settings: dict, log=print):
 
 
 def caption_ids(tok, scenes) -> torch.Tensor:
-    """Token ids [n, 4, MAX_TOKENS]: per scene its four caption forms (full, no colour, no
-    background, shape only), padded to the full length as the pipeline pads prompts."""
-    forms = [[world.caption(s.shape, s.colour, s.background),
-              world.caption(s.shape, None, s.background),
-              world.caption(s.shape, s.colour, None), world.caption(s.shape)] for s in scenes]
-    flat = [c for f in forms for c in f]
+    """Token ids [n, forms, MAX_TOKENS]: per scene its world.caption_forms(), padded to the full
+    length as the pipeline pads prompts."""
+    flat = [c for s in scenes for c in world.caption_forms(s)]
     unique = sorted(set(flat))
     ids = tok(unique, padding="max_length", max_length=MAX_TOKENS, truncation=True,
               return_tensors="pt").input_ids
     index = {c: i for i, c in enumerate(unique)}
-    return ids[torch.tensor([index[c] for c in flat])].view(len(scenes), 4, MAX_TOKENS)
+    return ids[torch.tensor([index[c] for c in flat])].view(len(scenes), -1, MAX_TOKENS)
 
 
-def train_diffusion(vae, settings: dict, log=print, on_save=None, parts=None, scale_box=None):
+def train_diffusion(vae, settings: dict, log=print):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -202,9 +198,6 @@ def train_diffusion(vae, settings: dict, log=print, on_save=None, parts=None, sc
     if settings["init"]:  # go on from a saved pipeline (a fresh optimizer and schedule)
         text = CLIPTextModel.from_pretrained(Path(settings["init"]) / "text_encoder")
         unet = UNet2DConditionModel.from_pretrained(Path(settings["init"]) / "unet")
-    if parts is not None:  # for on_save
-        parts += [text, unet, tok]
-        scale_box.append(scale)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.01, fused=True)
     ema = [p.detach().clone() for p in params]
@@ -212,8 +205,7 @@ def train_diffusion(vae, settings: dict, log=print, on_save=None, parts=None, sc
     alphas = noise_scheduler.alphas_cumprod
     snr_of = alphas / (1 - alphas)
     gen = torch.Generator().manual_seed(settings["seed"])
-    # Caption forms drawn with the shares of toyworld.pretraining_caption: 50/25/15/10 %.
-    form_p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    form_p = torch.tensor(world.CAPTION_SHARES)
     steps, batch, start = settings["steps"], settings["batch"], time.perf_counter()
     history = []
     for step in range(1, steps + 1):
@@ -245,9 +237,6 @@ def train_diffusion(vae, settings: dict, log=print, on_save=None, parts=None, sc
         with torch.no_grad():
             rate = min(settings["ema_decay"], (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - rate)
-        if on_save and settings["save_every"] and step % settings["save_every"] == 0 \
-                and step < steps:
-            on_save(step, params, ema)
         if step % 50 == 0 or step == 1:
             elapsed = time.perf_counter() - start
             history.append({"step": step, "loss": round(loss.item(), 5),
@@ -287,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import _quiet_libraries
 
     _quiet_libraries()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -308,37 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "diffusion"):
         t0 = time.perf_counter()
         vae = AutoencoderKL.from_pretrained(work / "vae")
-
-        def on_save(step, params, ema):  # the EMA weights so far, to sample while it trains
-            saved = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, e in zip(params, ema):
-                    p.copy_(e)
-            build_pipeline(vae, *parts, scale_box[0]).save_pretrained(work / f"pipeline-{step}")
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-
-        parts, scale_box = [], []
-        text, unet, tok, scale, history = train_diffusion(vae, settings, on_save=on_save,
-                                                          parts=parts, scale_box=scale_box)
+        text, unet, tok, scale, history = train_diffusion(vae, settings)
         pipe = build_pipeline(vae, text, unet, tok, scale)
         pipe.save_pretrained(work / "pipeline")  # fp32, before the fp16 export
         record.update(diffusion_seconds=round(time.perf_counter() - t0, 1), history=history)
     if args.stage in ("all", "save"):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        from transformers import CLIPTokenizer
-
         from .export import save_pipeline
+        from .models import load_pipeline
 
-        folder = work / "pipeline"
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL.from_pretrained(folder / "vae"),
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = load_pipeline(str(work / "pipeline"), "cpu")
         out = Path(args.out)
         save_pipeline(pipe, out, torch.float16)
         (out / "pretraining.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -53,6 +53,8 @@ SUBJECT = {"shape": "circle", "colour": "white", "core": "black", "core_ratio": 
 # Backgrounds the subject's photos are taken on; SUBJECT_NEW_BACKGROUND it is never shown on.
 SUBJECT_BACKGROUNDS = ("green", "blue", "yellow")
 SUBJECT_NEW_BACKGROUND = "red"
+# How often pretraining uses each of caption_forms(): all attributes half the time.
+CAPTION_SHARES = (0.5, 0.25, 0.15, 0.1)
 # Radius range (pixels, centre to corner/edge) and the margin kept clear at the border, so the
 # border shows the background only.
 RADIUS = (12, 24)
@@ -186,18 +188,13 @@ def _draw_shape(draw, shape: str, colour: str, r: float, cx: float, cy: float) -
         draw.polygon(outline(shape, r, cx, cy), fill=PALETTE[colour])
 
 
-def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption for pretraining: all attributes half the time, otherwise one or both of colour
-    and background left out (so that shorter prompts work and mean "any"). Caption dropout (the
-    empty caption, for classifier-free guidance) is the trainer's job."""
-    u = rng.random()
-    if u < 0.5:
-        return caption(scene.shape, scene.colour, scene.background)
-    if u < 0.75:
-        return caption(scene.shape, None, scene.background)
-    if u < 0.9:
-        return caption(scene.shape, scene.colour, None)
-    return caption(scene.shape)
+def caption_forms(scene: Scene) -> list[str]:
+    """The scene's captions for pretraining, in the order of CAPTION_SHARES: every attribute,
+    no colour, no background, the shape alone (so that shorter prompts work and mean "any").
+    Caption dropout (the empty caption, for classifier-free guidance) is the trainer's job."""
+    return [caption(scene.shape, scene.colour, scene.background),
+            caption(scene.shape, None, scene.background),
+            caption(scene.shape, scene.colour, None), caption(scene.shape)]
 
 
 def main(argv: list[str] | None = None) -> int:
