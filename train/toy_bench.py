@@ -183,7 +183,7 @@ def bench_variant(name: str, seed: int = 0, n_per_background: int = 16, n_class:
     """Train one variant (VARIANTS[name], updated by `changes`) and score it."""
     from .evaluate import load_trained
 
-    overrides = {**VARIANTS.get(name, {}), **changes}
+    overrides = {**VARIANTS[name], **changes}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         folder = train_variant(overrides, Path(tmp), seed, log)
@@ -229,7 +229,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", action="store_true", help="score the base model only")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--n", type=int, default=64, help="samples per prompt set (--base)")
     parser.add_argument("--per-background", type=int, default=16)
