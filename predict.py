@@ -14,14 +14,19 @@ model is the folder script/download-weights fills, or whatever BASE_MODEL names 
 folder or a built-in name such as `tiny`). With more than one GPU visible (or NUM_PROCESSES set),
 it trains on one process per GPU through torchrun (train/distributed.py). The `evaluate` input scores with the feature models
 script/download-weights --eval puts in weights/, or those EVAL_DINO and EVAL_CLIP name.
+
+A file input is taken only as the client sent it: a URL or a data: URI, which Cog fetches into a
+file of its own before predict() runs. Anything else (a path on the server, a folder, a file://
+URL) is refused with one line, without looking at what it names: see client_file below.
 """
 
 import os
 import shutil
+import stat
 import tempfile
 from typing import Optional
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, Input, Path, URLPath
 
 import train
 from train.cli import to_argv
@@ -32,6 +37,35 @@ from train.models import check_model
 SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
 FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
+
+# The files Cog fetched for the prediction under way. Cog (coglet) hands predict() a URL or data:
+# URI as the Path that URLPath.convert returned, in this process, after writing the download to
+# a temp file; it hands over any other string as it came, so a client could name a file of the
+# server. Keeping the very objects Cog made lets predict() tell the two apart without opening,
+# or even stat()ing, anything the client named; a Cog that stopped calling convert would fail
+# closed (every file refused), not open.
+_fetched: list[Path] = []
+_cog_convert = URLPath.convert
+
+
+def _convert_and_keep(self: URLPath) -> Path:
+    path = _cog_convert(self)
+    _fetched.append(path)
+    return path
+
+
+URLPath.convert = _convert_and_keep
+
+
+def client_file(name: str, value) -> Optional[str]:
+    """The local path of file input `name` if Cog fetched it from the client for this prediction;
+    a UserError, the same whatever `value` names on the server, for anything else."""
+    if value is None:
+        return None
+    if not any(value is path for path in _fetched) or not stat.S_ISREG(os.lstat(value).st_mode):
+        raise train.UserError(f"{name}: send the file itself, as an http(s) URL or a data: URI; "
+                              "the server does not read files by their path on the server")
+    return str(value)
 
 
 class Predictor(BasePredictor):
@@ -225,8 +259,11 @@ class Predictor(BasePredictor):
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}
-        for name in FILES:
-            inputs[name] = str(inputs[name]) if inputs[name] is not None else None
+        try:
+            for name in FILES:
+                inputs[name] = client_file(name, inputs[name])
+        finally:
+            _fetched.clear()  # Cog deletes them once the prediction ends
         for name, value in inputs.items():
             # JSON has one number type: 3.0 passes the schema's "integer" (JSON Schema counts
             # it as one) and arrives as a float, which TrainConfig would refuse as not whole.

@@ -144,10 +144,8 @@ def test_the_predictor_launches_the_processes_and_passes_their_log_on(tmp_path, 
                                                                       monkeypatch, capfd):
     import tempfile
 
-    from cog import Path as CogPath
-
     from predict import Predictor
-    from test_predict import cog_defaults
+    from test_predict import cog_defaults, uploaded
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     # SDXL with its text encoders trained: the first one's last layer gets no gradient, which
@@ -157,7 +155,7 @@ def test_the_predictor_launches_the_processes_and_passes_their_log_on(tmp_path, 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     predictor = Predictor()
     predictor.setup()
-    inputs = dict(cog_defaults(), instance_data=CogPath(photos_zip),
+    inputs = dict(cog_defaults(), instance_data=uploaded(photos_zip),
                   instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
                   resolution=64, num_class_images=2, class_infer_steps=2, max_train_steps=2,
                   learning_rate=1e-4, sample_batch_size=2)
@@ -174,4 +172,4 @@ def test_the_predictor_launches_the_processes_and_passes_their_log_on(tmp_path, 
     with zipfile.ZipFile(empty, "w") as archive:
         archive.writestr("notes.txt", "no photos here")
     with pytest.raises(UserError, match="instance_data: no usable images"):
-        predictor.predict(**dict(inputs, instance_data=CogPath(empty)))
+        predictor.predict(**dict(inputs, instance_data=uploaded(empty)))

@@ -342,6 +342,46 @@ def test_a_user_error_fails_in_one_line(server, tmp_path):
     assert server.work_folders() == []
 
 
+def server_paths(photos: Path, scratch: Path) -> dict[str, str]:
+    """Things a client might name instead of sending a file: each exists on the server (but
+    one), and the server must not read, open or describe any of them."""
+    fifo = scratch / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)  # opened to read, it blocks: the prediction would hang
+    link = scratch / "tmpupload.zip"  # in the server's TMPDIR, named as Cog names its downloads
+    if not link.is_symlink():
+        link.symlink_to(photos)
+    return {"existing file": str(photos), "existing folder": str(photos.parent),
+            "missing path": str(photos.parent / "missing.zip"), "fifo": str(fifo),
+            "device": "/dev/zero", "symlink": str(link), "file URL": photos.as_uri(),
+            "relative path": "photos.zip"}
+
+
+@pytest.mark.parametrize("field, case", [
+    *[("instance_data", case) for case in ("existing file", "existing folder", "missing path",
+                                           "fifo", "device", "symlink", "file URL",
+                                           "relative path")],
+    ("class_data", "existing file"), ("resume", "existing folder"),
+    ("base_checkpoint", "existing file")])
+def test_a_path_on_the_server_is_refused_unread_and_the_server_stays_healthy(
+        server, photos, field, case):
+    named = server_paths(photos, server.scratch)[case]
+    inputs = dict(MINIMAL, instance_data=data_uri(photos))
+    started = time.monotonic()
+    status, result = server.predict({**inputs, field: named}, timeout=30)
+    assert status == 200 and result["status"] == "failed", result
+    assert time.monotonic() - started < 10
+    # The same line whatever the path names (a file, nothing, a FIFO): it tells nothing of it.
+    message = (f"{field}: send the file itself, as an http(s) URL or a data: URI; the server "
+               "does not read files by their path on the server")
+    assert result["error"].endswith(message) and "\n" not in result["error"], result["error"]
+    assert "Traceback" not in result["logs"] and server.work_folders() == []
+    # Healthy: ready, and the next prediction, with the file sent as data, trains.
+    assert call("GET", server.base + "/health-check", timeout=5)[1]["status"] == "READY"
+    status, result = server.predict(inputs)
+    assert status == 200 and result["status"] == "succeeded", result.get("error")
+
+
 def test_a_second_prediction_while_one_trains_is_refused_with_409(server, photos, loopback):
     busy = server.start(dict(TINY, instance_data=data_uri(photos), max_train_steps=100000),
                         webhook=loopback.url + "/hook")
