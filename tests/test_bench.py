@@ -7,7 +7,7 @@ timed), and its FLOP count agrees with one made independently from the layers' s
 import pytest
 import torch
 
-from train.bench import measure
+from bench.speed import measure
 
 
 def test_bench_scenario_reports_step_time_memory_and_overhead():
@@ -18,7 +18,7 @@ def test_bench_scenario_reports_step_time_memory_and_overhead():
 
 
 def test_intake_bench_reads_every_photo():
-    from train.bench import measure_intake
+    from bench.speed import measure_intake
 
     result = measure_intake(count=3, width=800, height=600, resolution=64)
     assert result["images"] == 3 and result["intake_s"] > 0 and result["full_decode_s"] > 0
@@ -76,7 +76,7 @@ def tiny_step_flops(train_text_encoder: bool) -> int:
     image, prompts padded to the longer one."""
     import torch
 
-    from train.bench import SCENARIO_BASE
+    from bench.speed import SCENARIO_BASE
     from train.models import build_builtin
 
     pipe = build_builtin("tiny")
@@ -91,7 +91,7 @@ def tiny_step_flops(train_text_encoder: bool) -> int:
 
 
 def test_step_flops_equal_an_independent_count(tmp_path):
-    from train.bench import scenario_config, step_flops
+    from bench.speed import scenario_config, step_flops
 
     for name, text in (("tiny", False), ("tiny-text-encoder", True)):
         (tmp_path / name).mkdir()
@@ -109,7 +109,7 @@ def test_named_scenarios_run_and_report_sane_figures(tmp_path, capsys):
 
     import torch
 
-    from train.bench import PHASES, main
+    from bench.speed import PHASES, main
 
     gpu = torch.cuda.is_available()
     names = ["tiny"] + ([] if gpu else ["sd15-bf16"])
@@ -139,7 +139,7 @@ def test_named_scenarios_run_and_report_sane_figures(tmp_path, capsys):
 
 
 def test_scenario_list_names_cpu_and_gpu_scenarios(capsys):
-    from train.bench import NAMED, main
+    from bench.speed import NAMED, main
 
     main(["--list"])
     printed = capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_scenario_list_names_cpu_and_gpu_scenarios(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_scenario_reports_device_memory_and_fraction_of_peak():
     """On a GPU: SD 1.5 size at 512 px in bf16, a few steps (about a minute with the export)."""
-    from train.bench import measure_scenario
+    from bench.speed import measure_scenario
 
     row = measure_scenario("sd15-bf16", steps=10, class_images=2)
     assert row["peak_kind"] == "cuda max_memory_allocated" and row["peak_mib"] > 3000
@@ -161,7 +161,7 @@ def test_gpu_scenario_reports_device_memory_and_fraction_of_peak():
 
 
 def test_sampler_bench_reports_each_sampler():
-    from train.bench import measure_samplers
+    from bench.speed import measure_samplers
 
     rows = measure_samplers(count=1, repeats=1, batch_size=1)
     assert [(r["sampler"], r["steps"]) for r in rows] == [("dpm++", 25), ("base", 50),

@@ -130,6 +130,25 @@ def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
     assert "dataset:" not in result.stdout  # refused before intake reports
 
 
+def test_a_run_prints_its_own_lines_and_no_other_librarys(tmp_path, photos_zip, venv_env):
+    """A quiet terminal: a folder model (diffusers' loading bars and deprecations), LoRA and
+    8-bit AdamW (peft and bitsandbytes, which logs straight to stderr) and samples, and not one
+    foreign line on stderr; --verbose true lets the libraries speak again."""
+    args = ["--model", "toy", "--instance-data", str(photos_zip),
+            "--instance-prompt", "a photo of sks ball", "--with-prior-preservation", "false",
+            "--resolution", "64", "--max-train-steps", "2", "--use-lora", "true",
+            "--use-8bit-adam", "true", "--save-sample-prompt", "a photo of sks ball",
+            "--n-save-sample", "1", "--save-infer-steps", "2",
+            "--output", str(tmp_path / "out.tar")]
+    result = cli(args, venv_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "step 2/2 (100%)" in result.stdout and "done: wrote" in result.stdout
+    loud = cli(args + ["--verbose", "true"], venv_env, tmp_path)
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading pipeline components" in loud.stderr  # diffusers' own progress bar
+
+
 def test_cli_image_bytes_fixture_is_a_real_jpeg():
     assert image_bytes()[:3] == b"\xff\xd8\xff"
 

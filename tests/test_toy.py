@@ -1,6 +1,6 @@
 """The shipped `toy` model loads as a built-in and follows prompts, and DreamBooth on it learns
 the subject while prior preservation keeps the class apart from it: a reduced
-train/toy_bench.py run (the full one, and its numbers, are in QUALITY.md).
+toy/bench.py run (the full one, and its numbers, are in QUALITY.md).
 
     .venv/bin/python -m pytest tests/test_toy.py -q      # a few minutes on 2 cores
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train import toy_bench
+from toy import bench as toy_bench
 from train.models import check_model, load_pipeline
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train import toyscore
-from train import toyworld as world
+from toy import score as toyscore
+from toy import world
 
 
 def test_scenes_have_what_they_say():

@@ -270,6 +270,9 @@ class TrainConfig:
         None, "Folder in which a temporary work folder is made and removed at the end "
               "(default: the system's temporary folder)",
         cog=False)
+    verbose: bool = setting(
+        False, "Also show other libraries' notices and warnings (DREAMBOOTH_VERBOSE=1 does the "
+               "same); by default a run prints only its own lines and real warnings", cog=False)
 
     def __post_init__(self):
         if isinstance(self.output_format, str):  # "lora, diffusers" means diffusers,lora

@@ -50,6 +50,7 @@ from .metrics import (DEFAULT_CLIP, DEFAULT_DINO, FEATURE_BUILTINS, FeatureModel
                       clip_image_features, clip_text_features, cross_similarity, diversity,
                       dino_features, load_feature_models, paired_similarity, self_similarity)
 from .prompts import SUBJECT_KINDS, subject_prompts, without_identifier
+from .quiet import quiet_libraries
 
 # Timesteps the proxies probe: the whole range, as training draws them, without the extremes
 # where the prediction is trivial (t near 0: almost no noise; near 1000: almost no image).
@@ -473,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(args, log=print) -> dict:
     """The CLI's work: read the output and its training.json, load the models, evaluate."""
     from .intake import read_images, require_images
-    from .recipe import _quiet_libraries
 
+    quiet_libraries()
     for name in ("n_per_prompt", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -508,7 +509,6 @@ def run_cli(args, log=print) -> dict:
         if args.held_out:
             held, skipped = read_images(args.held_out, "held_out", instance_prompt, resolution)
             require_images(held, skipped, "held_out")
-        _quiet_libraries()
         features = load_feature_models(args.dino, args.clip, _device())
         device = _device()
         probe = None

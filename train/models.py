@@ -11,9 +11,9 @@ Built-in names (no download, random weights fixed by a seed):
                Speed and memory are those of the real model: for GPU benchmarks.
 
 Shipped pretrained (a diffusers folder in the project, made by its own script):
-  toy          SD 1.x family at 64 px, pretrained on the toy world of shapes (train/toyworld.py)
-               by train/toy_pretrain.py; it follows prompts such as "a photo of a red star on a
-               blue background". For measuring DreamBooth for real (train/toy_bench.py).
+  toy          SD 1.x family at 64 px, pretrained on the toy world of shapes (toy/world.py)
+               by toy/pretrain.py; it follows prompts such as "a photo of a red star on a
+               blue background". For measuring DreamBooth for real (toy/bench.py).
 
     python -c "from train.models import load_pipeline; print(load_pipeline('tiny', 'cpu'))"
 
@@ -41,7 +41,8 @@ TOKENIZER_WORDS = (
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-SHIPPED = {"toy": Path(__file__).resolve().parent / "toy"}
+# The lab's pretrained toy model lives beside the package, in the checkout (not in the Cog image).
+SHIPPED = {"toy": Path(__file__).resolve().parent.parent / "toy" / "model"}
 
 
 def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None):
@@ -55,7 +56,7 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
         pipe = build_builtin(model, device)
     else:
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-        options = dict(torch_dtype=torch.float32, local_files_only=True)
+        options = dict(dtype=torch.float32, local_files_only=True)
         if kind != "sdxl":  # SDXL has no safety checker; naming one there only draws a warning
             options.update(safety_checker=None, feature_extractor=None,
                            requires_safety_checker=False)

@@ -32,11 +32,13 @@ from .export import save_images, save_pipeline, versions, write_json, write_tar
 from .intake import Limits, outside_folders, prompt_words, read_images, require_images
 from .metrics import check_feature_models
 from .models import check_model, family
+from .quiet import quiet_libraries
 
 
 def run(config: TrainConfig, log=print) -> Path:
     """Train DreamBooth as `config` says; returns the path of the output tarball. In a
     multi-process run (torchrun; train/distributed.py) only rank 0 logs and writes it."""
+    quiet_libraries(config.verbose)
     rank, world = rank_and_size()
     if rank:
         log = _silent
@@ -120,9 +122,9 @@ def run(config: TrainConfig, log=print) -> Path:
 
 def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, cls_skipped,
                       n_generate, key, work, timings, phase, log):
-    _quiet_libraries()
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from diffusers import DDPMScheduler
+    quiet_libraries(config.verbose)  # again: diffusers' progress bars can be turned off only now
 
     from .intake import Example
     from .loop import Diverged, LoopState, train
@@ -666,16 +668,3 @@ def _bitsandbytes_adamw():
         raise UserError("use_8bit_adam needs bitsandbytes, which is not installed: "
                         "pip install bitsandbytes, or set use_8bit_adam to false") from None
     return bitsandbytes.optim.AdamW8bit
-
-
-def _quiet_libraries():
-    """Library progress bars and notices would drown the progress lines in Cog's logs.
-    transformers first: importing diffusers makes it warn that torchvision is absent."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()

@@ -4,12 +4,12 @@ the CPU step table of `tiny`, intake, output formats, LoRA extraction.
     script/bench --list                   # the named scenarios
     script/bench --scenario tiny --json out.json   # one table (Markdown), and the rows as JSON
     script/bench --scenario sd15-bf16 --scenario sd15-fp16 ...   # on a GPU
-    python -m train.bench                 # 4 tiny step scenarios, ~2 min on 2 cores; a table
-    python -m train.bench --repeat 3      # each scenario 3 times: medians, and the spread
-    python -m train.bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
-    python -m train.bench --formats       # size of each output format for full-size SD 1.5
-    python -m train.bench --extract       # how much of a fine-tune extract_lora keeps, by rank
-    python -m train.bench --samplers      # class images/s: DPM-Solver++ 25 against PNDM 50
+    python -m bench                 # 4 tiny step scenarios, ~2 min on 2 cores; a table
+    python -m bench --repeat 3      # each scenario 3 times: medians, and the spread
+    python -m bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
+    python -m bench --formats       # size of each output format for full-size SD 1.5
+    python -m bench --extract       # how much of a fine-tune extract_lora keeps, by rank
+    python -m bench --samplers      # class images/s: DPM-Solver++ 25 against PNDM 50
 
 Each scenario runs in its own process (so peak memory is its own): a real `train.run` with one
 instance and one class image per step, then the same UNet's forward and backward alone on
@@ -82,8 +82,8 @@ PHASES = ["intake", "load_model", "class_images", "cache", "train", "export"]
 def scenario_config(name: str, tmp: Path, steps: int | None = None,
                     class_images: int | None = None):
     """The TrainConfig of scenario `name`, its photos written into `tmp`."""
-    from .config import TrainConfig
-    from .example_data import write_example_zip
+    from train.config import TrainConfig
+    from train.example_data import write_example_zip
 
     device, overrides, _ = NAMED[name]
     settings = dict(SCENARIO_BASE, **overrides)
@@ -103,8 +103,8 @@ def step_flops(config) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import build_builtin
-    from .recipe import _trainable
+    from train.models import build_builtin
+    from train.recipe import _trainable
 
     pipe = build_builtin(config.model, "meta")
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder
@@ -143,7 +143,7 @@ def measure_scenario(name: str, steps: int | None = None,
 
     import torch
 
-    from .recipe import run
+    from train.recipe import run
 
     device, _, about = NAMED[name]
     cuda = torch.cuda.is_available()
@@ -194,7 +194,7 @@ def run_scenarios(names: list[str], steps: int | None, class_images: int | None,
             rows.append(measure_scenario(name, steps, class_images))
             print(f"{name}: skipped: needs CUDA", flush=True)
             continue
-        command = [sys.executable, "-m", "train.bench", "--child", name]
+        command = [sys.executable, "-m", "bench", "--child", name]
         command += ["--steps", str(steps)] if steps is not None else []
         command += ["--class-images", str(class_images)] if class_images is not None else []
         env = dict(os.environ)
@@ -236,10 +236,10 @@ def measure(resolution: int, train_text_encoder: bool, steps: int) -> dict:
 
     import torch
 
-    from .config import TrainConfig
-    from .example_data import write_example_zip
-    from .models import build_builtin
-    from .recipe import run
+    from train.config import TrainConfig
+    from train.example_data import write_example_zip
+    from train.models import build_builtin
+    from train.recipe import run
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,8 +288,8 @@ def measure_samplers(model: str = "tiny", resolution: int = 64, count: int = 8,
     fastest run is the one least slowed by others). Also the process CPU seconds per image."""
     import torch
 
-    from .models import build_builtin
-    from .sampling import generate, sampler
+    from train.models import build_builtin
+    from train.sampling import generate, sampler
 
     pipe = build_builtin(model, "cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -320,7 +320,7 @@ def measure_intake(count: int = 50, width: int = 4000, height: int = 3000,
     import numpy as np
     from PIL import Image
 
-    from .intake import read_images
+    from train.intake import read_images
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -352,10 +352,10 @@ def measure_formats() -> list[dict]:
     the sizes depend on shapes alone)."""
     import torch
 
-    from .export import save_pipeline
-    from .lora import add_lora, save_lora
-    from .models import build_builtin
-    from .single_file import save_single_file
+    from train.export import save_pipeline
+    from train.lora import add_lora, save_lora
+    from train.models import build_builtin
+    from train.single_file import save_single_file
 
     def mib(path: Path) -> float:
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -389,12 +389,12 @@ def measure_extraction(steps: int, ranks=(1, 4, 8, 16, 32, 64)) -> list[dict]:
     import torch
     from safetensors.torch import load_file
 
-    from .config import TrainConfig
-    from .example_data import write_example_zip
-    from .lora import (UNET_RESNET_TARGETS, UNET_TARGETS, extract_lora, extraction_error,
+    from train.config import TrainConfig
+    from train.example_data import write_example_zip
+    from train.lora import (UNET_RESNET_TARGETS, UNET_TARGETS, extract_lora, extraction_error,
                        save_kohya)
-    from .models import build_builtin
-    from .recipe import run
+    from train.models import build_builtin
+    from train.recipe import run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -440,7 +440,7 @@ def _with_base(module, base: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", action="append", choices=list(NAMED), metavar="NAME",
                         help="run this named scenario (repeatable; --list names them)")
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     for resolution, text in SCENARIOS:
         runs = []
         for _ in range(args.repeat):
-            child = subprocess.run([sys.executable, "-m", "train.bench", "--steps",
+            child = subprocess.run([sys.executable, "-m", "bench", "--steps",
                                     str(args.steps), "--one", str(resolution), str(text).lower()],
                                    capture_output=True, text=True, check=True,
                                    env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
@@ -525,6 +525,3 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-
-if __name__ == "__main__":
-    main()

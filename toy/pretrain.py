@@ -1,9 +1,9 @@
-"""Pretrain `toy`: a Stable-Diffusion-shaped model of the toy world (train/toyworld.py).
+"""Pretrain `toy`: a Stable-Diffusion-shaped model of the toy world (toy/world.py).
 
-    nice -n 10 python -m train.toy_pretrain                    # all stages, writes train/toy/
-    python -m train.toy_pretrain --stage vae --work /tmp/toy    # one stage (vae, vae-crop,
+    nice -n 10 python -m toy.pretrain                    # all stages, writes toy/model/
+    python -m toy.pretrain --stage vae --work /tmp/toy    # one stage (vae, vae-crop,
                                                                 # diffusion, save)
-    python -m train.toy_pretrain --stage diffusion --work W2 --set init=W/pipeline steps=1500
+    python -m toy.pretrain --stage diffusion --work W2 --set init=W/pipeline steps=1500
                                                                 # go on training a saved one
 
 Same family as Stable Diffusion 1.x, at toy sizes: an AutoencoderKL (64 px images to 4 x 16 x 16
@@ -20,9 +20,9 @@ from a seed:
              weighting, 10 % caption dropout (for classifier-free guidance), offset noise (flat
              backgrounds need their mean colour learned), EMA weights exported
 
-then `save` writes the diffusers folder in fp16 (train/toy/, a few MB, committed) with the
+then `save` writes the diffusers folder in fp16 (toy/model/, a few MB, committed) with the
 project's own exporter, so `--model toy` works offline. Every setting is in SETTINGS below; the
-run's numbers (stage times, loss history) go into train/toy/pretraining.json. HELD_OUT
+run's numbers (stage times, loss history) go into toy/model/pretraining.json. HELD_OUT
 combinations of the world are never drawn for the diffusion stage. On a 2-core CPU the whole
 run takes about 28 minutes (QUALITY.md has the command that made the shipped model and what
 it scores).
@@ -39,9 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import toyworld as world
+from train.quiet import quiet_libraries
 
-TOY_FOLDER = Path(__file__).resolve().parent / "toy"
+from . import world
+
+TOY_FOLDER = Path(__file__).resolve().parent / "model"
 WORDS = ("a photo of on background " + " ".join(world.SHAPES) + " " + " ".join(world.COLOURS)
          + " sks zwx ohwx").split()
 MAX_TOKENS = 16  # the longest world caption is 11 tokens with start and end
@@ -84,7 +86,7 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 def tokenizer():
     """The toy's tokenizer: the project's offline CLIP-style BPE with the world's words whole."""
-    from .models import build_tokenizer
+    from train.models import build_tokenizer
 
     tok = build_tokenizer(words=WORDS)
     tok.model_max_length = MAX_TOKENS
@@ -259,7 +261,8 @@ def build_pipeline(vae, text, unet, tok, scale: float):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toy.pretrain",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=["all", "vae", "vae-crop", "diffusion", "save"],
                         default="all")
     parser.add_argument("--work", default="/tmp/toy-pretrain",
@@ -273,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         settings[key] = type(SETTINGS[key])(value)
     torch.set_num_threads(settings["threads"])
-    from .recipe import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     from diffusers import AutoencoderKL
 
     work = Path(args.work)
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.save_pretrained(work / "pipeline")  # fp32, before the fp16 export
         record.update(diffusion_seconds=round(time.perf_counter() - t0, 1), history=history)
     if args.stage in ("all", "save"):
-        from .export import save_pipeline
-        from .models import load_pipeline
+        from train.export import save_pipeline
+        from train.models import load_pipeline
 
         pipe = load_pipeline(str(work / "pipeline"), "cpu")
         out = Path(args.out)

@@ -1,15 +1,15 @@
 """DreamBooth quality benchmark in the toy world: does the product's recipe learn a subject?
 
-    nice -n 10 python -m train.toy_bench --base                  # the base model's fidelity
-    nice -n 10 python -m train.toy_bench                         # every variant (QUALITY.md)
-    nice -n 10 python -m train.toy_bench --variants default no_prior --seeds 0 1
-    nice -n 10 python -m train.toy_bench --variants frozen_text lora --set prior_loss_weight=1.0
+    nice -n 10 python -m toy.bench --base                  # the base model's fidelity
+    nice -n 10 python -m toy.bench                         # every variant (QUALITY.md)
+    nice -n 10 python -m toy.bench --variants default no_prior --seeds 0 1
+    nice -n 10 python -m toy.bench --variants frozen_text lora --set prior_loss_weight=1.0
 
-The subject (toyworld.SUBJECT, a white circle with a black core, which the pretrained `toy`
+The subject (world.SUBJECT, a white circle with a black core, which the pretrained `toy`
 model never saw) is photographed INSTANCE_IMAGES times at random sizes and places on green, blue and
 yellow backgrounds, and each variant trains on it with the product's own `train.run` and
 TrainConfig (BENCH: the product's defaults scaled down to this world, plus the variant's
-changes). The trained model is then sampled and scored by train/toyscore.py, in the DreamBooth
+changes). The trained model is then sampled and scored by toy/score.py, in the DreamBooth
 paper's terms:
 
   subject fidelity  share of `a photo of sks circle on a {bg} background` samples that show the
@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import toyscore
-from . import toyworld as world
+from train.quiet import quiet_libraries
+
+from . import score, world
 
 IDENTIFIER = "sks"
 INSTANCE_PROMPT = f"a photo of {IDENTIFIER} {world.SUBJECT['shape']}"
@@ -120,7 +121,7 @@ def world_fidelity(pipe, n: int = 64, seed: int = 0) -> dict:
     """Share of samples showing every prompted attribute, per prompt set, and per attribute."""
     report = {}
     for name, wanted in prompt_sets(n, seed).items():
-        got = toyscore.score(sample(pipe, [world.caption(*w) for w in wanted], seed))
+        got = score.score(sample(pipe, [world.caption(*w) for w in wanted], seed))
         right = {"shape": [g["shape"] == w[0] for g, w in zip(got, wanted)],
                  "colour": [w[1] is None or g["colour"] == w[1] for g, w in zip(got, wanted)],
                  "background": [g["background"] == w[2] for g, w in zip(got, wanted)]}
@@ -131,7 +132,7 @@ def world_fidelity(pipe, n: int = 64, seed: int = 0) -> dict:
 
 def diversity(images) -> float:
     """Mean RMS distance between distinct images, pixels in 0-1."""
-    x = torch.from_numpy(toyscore.as_array(images)).float().flatten(1) / 255
+    x = torch.from_numpy(score.as_array(images)).float().flatten(1) / 255
     d = torch.cdist(x, x) / x.shape[1] ** 0.5
     n = len(x)
     return float(d.sum() / (n * (n - 1)))
@@ -143,12 +144,12 @@ def dreambooth_metrics(pipe, n_per_background: int = 16, n_class: int = 64,
     wanted = [bg for bg in EVAL_BACKGROUNDS for _ in range(n_per_background)]
     prompts = [world.caption(world.SUBJECT["shape"], None, bg, identifier=IDENTIFIER)
                for bg in wanted]
-    got = toyscore.score(sample(pipe, prompts, seed))
+    got = score.score(sample(pipe, prompts, seed))
     subject = np.array([g["subject"] for g in got])
     on_bg = np.array([g["background"] == bg for g, bg in zip(got, wanted)])
     novel = np.array([bg == world.SUBJECT_NEW_BACKGROUND for bg in wanted])
     plain = sample(pipe, [CLASS_PROMPT] * n_class, seed + 1)
-    plain_scores = toyscore.score(plain)
+    plain_scores = score.score(plain)
     drift = world_fidelity(pipe, n=32, seed=seed + 2)["seen"]["all"]
     return {"subject_fidelity": float(subject.mean()), "prompt_fidelity": float(on_bg.mean()),
             "both": float((subject & on_bg).mean()),
@@ -164,7 +165,7 @@ def dreambooth_metrics(pipe, n_per_background: int = 16, n_class: int = 64,
 def train_variant(overrides: dict, work: Path, seed: int = 0, log=lambda _: None) -> Path:
     """Train DreamBooth on the subject with the product's train.run; returns the model folder.
     Keys starting with `_` are the benchmark's own (`_captions`: sidecar captions or not)."""
-    from . import TrainConfig, run
+    from train import TrainConfig, run
 
     own = {k: v for k, v in overrides.items() if k.startswith("_")}
     settings = {k: v for k, v in overrides.items() if not k.startswith("_")}
@@ -181,7 +182,7 @@ def train_variant(overrides: dict, work: Path, seed: int = 0, log=lambda _: None
 def bench_variant(name: str, seed: int = 0, n_per_background: int = 16, n_class: int = 64,
                   log=lambda _: None, **changes) -> dict:
     """Train one variant (VARIANTS[name], updated by `changes`) and score it."""
-    from .evaluate import load_trained
+    from train.evaluate import load_trained
 
     overrides = {**VARIANTS[name], **changes}
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,19 +197,19 @@ def bench_variant(name: str, seed: int = 0, n_per_background: int = 16, n_class:
 
 
 def base_report(n: int, seed: int) -> dict:
-    from .models import load_pipeline
+    from train.models import load_pipeline
 
     pipe = load_pipeline("toy", "cpu")
     report = {"world": world_fidelity(pipe, n, seed)}
     # The ceiling for the subject prompts: the plain class on the evaluation backgrounds.
     wanted = [bg for bg in EVAL_BACKGROUNDS for _ in range(n // len(EVAL_BACKGROUNDS))]
-    got = toyscore.score(sample(pipe, [world.caption(world.SUBJECT["shape"], None, bg)
+    got = score.score(sample(pipe, [world.caption(world.SUBJECT["shape"], None, bg)
                                        for bg in wanted], seed))
     report["class_on_eval_backgrounds"] = float(np.mean(
         [g["background"] == bg and g["shape"] == world.SUBJECT["shape"]
          for g, bg in zip(got, wanted)]))
     plain = sample(pipe, [CLASS_PROMPT] * n, seed + 1)
-    report["class_pres"] = float(np.mean([s["subject"] for s in toyscore.score(plain)]))
+    report["class_pres"] = float(np.mean([s["subject"] for s in score.score(plain)]))
     report["class_div"] = round(diversity(plain), 4)
     return report
 
@@ -227,7 +228,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toy.bench",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", action="store_true", help="score the base model only")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
@@ -247,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             changes[key] = value
     torch.set_num_threads(args.threads)
-    from .recipe import _quiet_libraries
-
-    _quiet_libraries()
+    quiet_libraries()
     if args.base:
         report = base_report(args.n, args.seeds[0])
         print(json.dumps(report, indent=1))

@@ -1,7 +1,7 @@
-"""Scorers for the toy world (train/toyworld.py): what an image shows, read back from its pixels.
+"""Scorers for the toy world (toy/world.py): what an image shows, read back from its pixels.
 
-    python -m train.toyscore --train      # retrain the shape classifier (~2 min on 2 cores)
-    python -m train.toyscore --check      # its accuracy on fresh, degraded scenes
+    python -m toy.score --train      # retrain the shape classifier (~2 min on 2 cores)
+    python -m toy.score --check      # its accuracy on fresh, degraded scenes
 
 For any RGB image (a rendered scene, or a sample from a model of the world):
 
@@ -10,8 +10,8 @@ For any RGB image (a rendered scene, or a sample from a model of the world):
                not background connected to the border, holes filled)
   shape        circle, square, triangle or star: a small CNN on the shape's silhouette (so it
                ignores colour), trained on world scenes blurred and noised like samples are;
-               its weights ship as train/toy_scorer.safetensors (~350 KB)
-  is_subject   the DreamBooth subject (toyworld.SUBJECT): a circle whose core is the core colour
+               its weights ship as toy/scorer.safetensors (~350 KB)
+  is_subject   the DreamBooth subject (world.SUBJECT): a circle whose core is the core colour
                and whose rim is the subject's colour
 
 `score(images)` returns one dict per image with all four. tests/test_toyworld.py checks them on
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import toyworld as world
+from . import world
 
-WEIGHTS = Path(__file__).resolve().parent / "toy_scorer.safetensors"
+WEIGHTS = Path(__file__).resolve().parent / "scorer.safetensors"
 PALETTE = torch.tensor([world.PALETTE[c] for c in world.COLOURS], dtype=torch.float32)
 SIL = 32  # silhouettes are classified at 32 x 32
 
@@ -210,7 +210,8 @@ def accuracy(n: int = 2000, seed: int = 123, degraded: bool = True,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toy.score",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help=f"retrain, write {WEIGHTS.name}")
     parser.add_argument("--check", action="store_true", help="report accuracy")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """The toy world: coloured shapes on coloured backgrounds, generated in code, with captions.
 
 A world small enough that a Stable-Diffusion-shaped model can learn it on a CPU and that scorers
-can judge exactly (train/toyscore.py), so that the DreamBooth recipe can be measured for real
-(train/toy_pretrain.py pretrains `toy` on it; train/toy_bench.py and QUALITY.md measure
+can judge exactly (toy/score.py), so that the DreamBooth recipe can be measured for real
+(toy/pretrain.py pretrains `toy` on it; toy/bench.py and QUALITY.md measure
 DreamBooth on that).
 
-    python -m train.toyworld out/ --count 16      # write 16 scenes and their captions
+    python -m toy.world out/ --count 16      # write 16 scenes and their captions
 
 A scene is an upright shape (circle, square, triangle or star) of one palette colour, of random
 size and position, on a background of another palette colour, at 64 x 64 pixels drawn in
@@ -198,7 +198,8 @@ def caption_forms(scene: Scene) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toy.world",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write PNGs and captions.txt into")
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
