@@ -7,7 +7,7 @@ from conftest import ROOT
 from train.cli import build_parser
 from train.config import TrainConfig, UserError, fields
 
-# replicate/dreambooth's inputs with their defaults (DESIGN.md section 6): clients send these.
+# replicate/dreambooth's inputs with their defaults: clients send these.
 REPLICATE_DEFAULTS = dict(
     class_data=None, num_class_images=50, save_sample_prompt=None,
     save_sample_negative_prompt=None, n_save_sample=4, save_guidance_scale=7.5,
