@@ -3,7 +3,7 @@
     cog predict -i instance_data=@dog.zip -i instance_prompt="a photo of sks dog" \
         -i class_prompt="a photo of a dog"
 
-    # the same over HTTP, without Docker (see README, "On a GPU: Cog, Replicate and the HTTP API"):
+    # the same over HTTP, without Docker (docs/http.md, "The same server without Docker"):
     BASE_MODEL=tiny COG_PREDICT_TYPE_STUB=predict.py:Predictor python -m cog.server.http
 
 No ML lives here: predict() hands a TrainConfig to train.run, which returns the tarball. The

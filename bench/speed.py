@@ -67,13 +67,13 @@ NAMED = {
                                "sd15-bf16 with the text encoder trained"),
     "sd15-bf16-lora": ("cuda", dict(SD15_RUN, use_lora=True, learning_rate=1e-4),
                        "sd15-bf16, LoRA rank 16"),
-    # The issue's goal: a whole default run (800 steps, 200 class images) in under a minute.
+    # The goal: a whole default run (800 steps, 200 class images) in under a minute.
     "sd15-default-run": ("cuda", dict(model="random-sd15", resolution=512, num_class_images=200,
                                       max_train_steps=800, learning_rate=None),
                          "a default run: 800 steps, 200 class images, text encoder trained"),
 }
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' spec sheets (H100 SXM: 989.4;
-# the issue measured about 790 in practice), by a part of the device name; the first match wins.
+# about 790 is measured in practice), by a part of the device name; the first match wins.
 DEVICE_PEAKS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
                 ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0)]
 PHASES = ["intake", "load_model", "class_images", "cache", "train", "export"]

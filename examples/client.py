@@ -1,7 +1,7 @@
 """Train DreamBooth over HTTP from another service: start a training on the Cog server, receive
 its webhooks, fetch the weights. Needs only `requests` (pip install requests).
 
-    # the server: `docker run --gpus all -p 5000:5000 dreambooth` (add --upload-url, see README)
+    # the server: `docker run --gpus all -p 5000:5000 dreambooth` (--upload-url: docs/http.md)
     python examples/client.py --server http://localhost:5000 --photos dog.zip \
         --instance-prompt "a photo of sks dog" --class-prompt "a photo of a dog" \
         --webhook-host 0.0.0.0 --webhook-port 8000 --public-url http://host.docker.internal:8000 \

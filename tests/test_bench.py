@@ -97,7 +97,7 @@ def test_step_flops_equal_an_independent_count(tmp_path):
         (tmp_path / name).mkdir()
         config = scenario_config(name, tmp_path / name)
         assert step_flops(config) == tiny_step_flops(text)
-    # SD 1.5 at 512 px, batch 1 with prior preservation: the 4.8 TFLOP a step.
+    # SD 1.5 at 512 px, batch 1 with prior preservation: about 4.8 TFLOP a step.
     (tmp_path / "sd15").mkdir()
     assert 4.7e12 < step_flops(scenario_config("sd15-bf16", tmp_path / "sd15")) < 4.9e12
 

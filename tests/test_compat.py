@@ -1,7 +1,7 @@
 """Outputs load outside the pinned stack: in transformers 4 + an older diffusers, as they are.
 
 Most of the AUTOMATIC1111/ComfyUI world and many services still run transformers 4, which reads
-a diffusers folder differently from transformers 5 (DESIGN.md section 4). The fast test checks
+a diffusers folder differently from transformers 5. The fast test checks
 the layout `save_pipeline` writes and that the pinned stack reloads it exactly; the others load
 the same folders in a separate venv with transformers 4.57 + diffusers 0.35 and compare what both
 stacks compute. That venv is built once per session (about 25 s) and cached under

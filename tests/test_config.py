@@ -7,7 +7,7 @@ from conftest import ROOT
 from train.cli import build_parser
 from train.config import TrainConfig, UserError, fields
 
-# replicate/dreambooth's inputs with their defaults (DESIGN.md section 6): clients send these.
+# replicate/dreambooth's inputs with their defaults: clients send these.
 REPLICATE_DEFAULTS = dict(
     class_data=None, num_class_images=50, save_sample_prompt=None,
     save_sample_negative_prompt=None, n_save_sample=4, save_guidance_scale=7.5,
@@ -99,10 +99,10 @@ def test_ints_are_accepted_for_floats():
     assert valid(prior_loss_weight=2).prior_loss_weight == 2.0
 
 
-def test_readme_lists_every_input_with_its_default_and_doc():
+def test_docs_list_every_input_with_its_default_and_doc():
     rows = {cells[1].strip(" `"): (cells[2].strip(" `"), cells[4].strip())
-            for cells in (line.split("|") for line in (ROOT / "README.md").read_text()
-                          .splitlines() if line.startswith("| `"))
+            for cells in (line.split("|") for line in (ROOT / "docs" / "inputs.md")
+                          .read_text().splitlines() if line.startswith("| `"))
             if len(cells) == 6}  # rows of the inputs table: | name | default | range | doc |
     for f in fields():
         if not f.metadata["cog"]:

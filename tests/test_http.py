@@ -174,7 +174,7 @@ class Loopback:
 
 
 class Server:
-    """`python -m cog.server.http` from the project root, as README says to run it: BASE_MODEL
+    """`python -m cog.server.http` from the project root, as docs/http.md says to run it: BASE_MODEL
     tiny, its own TMPDIR (where inputs are downloaded and the work and output folders go)."""
 
     def __init__(self, scratch: Path, log: Path, *args: str, predictor="predict.py:Predictor",
@@ -414,7 +414,7 @@ def test_cancel_mid_training_cleans_up_and_the_next_prediction_runs(server, phot
 
 
 def test_the_example_client_trains_and_fetches_the_weights(server, photos, tmp_path):
-    """examples/client.py, as README shows it: async request, webhooks, weights saved."""
+    """examples/client.py, as docs/http.md shows it: async request, webhooks, weights saved."""
     out = tmp_path / "dog.tar"
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "client.py"), "--server", server.base,
@@ -450,7 +450,7 @@ def test_ten_predictions_in_a_row_leave_no_files_and_no_memory_behind(server, ph
 
 def test_upload_url_receives_the_tarball_intact(tmp_path, photos, loopback):
     """With --upload-url the server PUTs the output there and returns its URL, rather than
-    inlining it (README: the way to serve real, 2 GB outputs)."""
+    inlining it (docs/http.md: the way to serve real, 2 GB outputs)."""
     import torch
 
     scratch = tmp_path / "server-tmp"

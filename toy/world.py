@@ -63,7 +63,7 @@ MARGIN = 3
 # autoencoder's 4x latents then hold a scene as plainly as a 2x one holds a 32 px image: with
 # detail at every one of the 64 pixels, its latents were a dense code that the toy UNet had not
 # learned to draw after 70 minutes (shapes came out as blobs), while a 32 px world was learned
-# in 30 (../shared/TOYWORLD.md). 64 px remains the size of every image, as `resolution` needs.
+# in 30 (when this world was built). 64 px remains the size of every image, as `resolution` needs.
 PIXEL = 2
 
 

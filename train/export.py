@@ -22,7 +22,7 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "
 def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> None:
     """Write the pipeline as safetensors in `dtype` (casts the pipeline in place), in a layout that
     loads with transformers 5 + diffusers 0.42 and with transformers 4 + older diffusers (the
-    AUTOMATIC1111/ComfyUI world): see DESIGN.md section 4 and tests/test_compat.py."""
+    AUTOMATIC1111/ComfyUI world): see tests/test_compat.py."""
     from transformers import CLIPTextModel, PreTrainedModel
 
     pipe.to(dtype=dtype)
