@@ -50,7 +50,8 @@ INSTANCE_PROMPT = f"a photo of {IDENTIFIER} {world.SUBJECT['shape']}"
 CLASS_PROMPT = f"a photo of a {world.SUBJECT['shape']}"
 INSTANCE_IMAGES = 5
 EVAL_BACKGROUNDS = (*world.SUBJECT_BACKGROUNDS, world.SUBJECT_NEW_BACKGROUND)
-# Sampling for evaluation, as the recipe draws class images: DDIM, guidance 7.5.
+# Sampling for evaluation: toy's own sampler (DDIM) at the step count and guidance the recipe
+# draws class images with (25, 7.5; the recipe's sampler is DPM-Solver++).
 SAMPLE = dict(steps=25, guidance=7.5)
 # The product's defaults, scaled to this world: 64 px, fewer steps and class images, sampling
 # steps as above. Everything else (prior preservation on, text encoder trained, full
