@@ -104,12 +104,12 @@ def step_flops(config) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from train.models import build_builtin
-    from train.recipe import _trainable
+    from train.recipe import mark_trainable
 
     pipe = build_builtin(config.model, "meta")
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder
     text_encoder.requires_grad_(False)
-    _trainable(unet, {"text_encoder": text_encoder}, config)  # the recipe's own choice
+    mark_trainable(unet, {"text_encoder": text_encoder}, config)  # the recipe's own choice
     # A step's UNet batch: the instance images and as many class images; prompts padded to
     # the longest (or to 77 with pad_tokens), as the loop does.
     batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)

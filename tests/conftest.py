@@ -1,75 +1,17 @@
-"""Shared test fixtures: archives and images built in code, fast settings for the `tiny` model.
-
-Run the suite with `script/test` (sets up .venv, then pytest), or `pytest` inside the venv.
+"""Shared test fixtures: example photos, and an environment for the subprocesses tests start.
+Helpers (functions and settings) are in helpers.py.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import sys
-import tarfile
-import warnings
-import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-from train.example_data import write_example_zip  # noqa: E402
-
-# Settings that make a full run take seconds on the tiny model.
-FAST = dict(model="tiny", resolution=64, num_class_images=2, class_infer_steps=2,
-            sample_batch_size=2, max_train_steps=4, learning_rate=1e-4)
-
-
-def image_bytes(color=(200, 40, 40), size=(64, 48), fmt="JPEG", mode="RGB", exif=None) -> bytes:
-    image = Image.new(mode, size, color)
-    buffer = io.BytesIO()
-    kwargs = {"exif": exif} if exif is not None else {}
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def make_zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, payload in members.items():
-            archive.writestr(name, payload)
-    return path
-
-
-def untar(tar_path: Path, dest: Path) -> Path:
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
-
-
-def read_training_json(folder: Path) -> dict:
-    return json.loads((folder / "training.json").read_text())
-
-
-def train_tiny(tmp_path, photos_zip, name="run", **overrides):
-    """Run the recipe on the tiny model; returns (untarred output folder, log lines)."""
-    lines = []
-    settings = dict(FAST, instance_data=str(photos_zip), instance_prompt="a photo of sks ball",
-                    class_prompt="a photo of a ball", output=str(tmp_path / f"{name}.tar"),
-                    work_dir=str(tmp_path / f"{name}-work"))
-    from train import TrainConfig, run
-
-    config = TrainConfig(**{**settings, **overrides})
-    tar = run(config, log=lines.append)
-    assert list((tmp_path / f"{name}-work").iterdir()) == [], "work directory left behind"
-    return untar(tar, tmp_path / name), lines
-
-
-def unet_weights(folder) -> dict:
-    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+from helpers import ROOT
+from train.example_data import write_example_zip
 
 
 @pytest.fixture

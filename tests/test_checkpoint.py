@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, train_tiny, unet_weights
+from helpers import FAST, train_tiny, unet_weights
 from train import TrainConfig, UserError, run
 
 # Full fine-tune of UNet and text encoder with prior preservation, saved in fp32 so that the

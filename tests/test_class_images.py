@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, train_tiny
+from helpers import FAST, train_tiny
 
-from train.config import CLASS_SCHEDULERS, TrainConfig, UserError
+from train import UserError
+from train.config import CLASS_SCHEDULERS, TrainConfig
 from train.models import build_builtin
 from train.sampling import SAMPLERS, generate, sampler
 

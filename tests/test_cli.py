@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, image_bytes, make_zip, read_training_json, untar
+from helpers import ROOT, image_bytes, make_zip, read_training_json, untar
 
 
 def cli(args, env, cwd):

@@ -17,7 +17,7 @@ from importlib import metadata
 import pytest
 import yaml  # installed with accelerate
 
-from conftest import ROOT
+from helpers import ROOT
 
 # The CUDA that each pinned torch is built for on PyPI (torch 2.13.0's wheel depends on
 # cuda-toolkit 13.0.3): bump both together.

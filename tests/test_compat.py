@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST, ROOT, untar
+from helpers import FAST, ROOT, untar
 from train.export import save_pipeline
 from train.models import build_builtin, build_tokenizer
 

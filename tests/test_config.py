@@ -3,9 +3,10 @@
 import pytest
 from cog._inspector import create_predictor
 
-from conftest import ROOT
+from helpers import ROOT
 from train.cli import build_parser
-from train.config import TrainConfig, UserError, fields
+from train import UserError
+from train.config import TrainConfig, fields
 
 # replicate/dreambooth's inputs with their defaults: clients send these.
 REPLICATE_DEFAULTS = dict(

@@ -4,17 +4,15 @@ one process with the same global batch; a rank killed mid-run; the Cog predictor
 the processes itself.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, read_training_json, train_tiny, unet_weights, untar
+from helpers import FAST, ROOT, read_training_json, train_tiny, unet_weights, untar
 from train import TrainConfig, UserError
 from train.checkpoint import check_resumable
 from train.cli import build_parser, to_argv

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import FAST, ROOT, read_training_json, train_tiny, unet_weights
+from helpers import FAST, ROOT, read_training_json, train_tiny, unet_weights
 from train import UserError
 from train.evaluate import (DEFAULT_CLIP, DEFAULT_DINO, DEFINITIONS, contact_sheet,
                             denoising_probe, denoising_proxies, evaluate, main, pick_balanced)

@@ -12,7 +12,7 @@ import torch
 
 from train.config import TrainConfig
 from train.models import build_builtin
-from train.recipe import _optimizer
+from train.recipe import make_optimizer
 
 
 def train_steps(unet, optimizer, steps: int = 5):
@@ -33,7 +33,7 @@ def test_the_recipes_fused_adamw_matches_the_plain_per_tensor_loop():
                          class_prompt="a photo of a ball")
     plan = {"learning_rate": 1e-4, "text_encoder_lr": 1e-4}
     fast_unet, plain_unet = build_builtin("tiny").unet, build_builtin("tiny").unet
-    fast = _optimizer(config, plan, list(fast_unet.parameters()), [])
+    fast = make_optimizer(config, plan, list(fast_unet.parameters()), [])
     assert fast.defaults["fused"]  # what the recipe trains with
     plain = torch.optim.AdamW(plain_unet.parameters(), lr=1e-4, betas=(0.9, 0.999),
                               weight_decay=0.01, eps=1e-8, foreach=False)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FAST, train_tiny, unet_weights
+from helpers import train_tiny, unet_weights
 from train import TrainConfig, UserError
 from train.models import build_builtin
 from train.single_file import save_single_file

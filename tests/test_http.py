@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil  # installed with accelerate
 import pytest
 
-from conftest import ROOT, read_training_json, untar
+from helpers import ROOT, read_training_json, untar
 
 SCHEMA = ROOT / ".cog" / "openapi_schema.json"
 PROMPTS = dict(instance_prompt="a photo of sks ball", class_prompt="a photo of a ball")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import image_bytes, make_zip
-from train.config import UserError
+from helpers import image_bytes, make_zip
+from train import UserError
 from train.intake import Limits, read_images, require_images
 
 

@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import image_bytes
+from helpers import image_bytes
 from train.intake import read_images
 
 PART = st.one_of(st.sampled_from(["..", ".", "", "__MACOSX", ".hidden", "a", "b.jpg", "C:",

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, FAST, read_training_json, untar
+from helpers import ROOT, FAST, read_training_json, untar
 from train import TrainConfig, UserError, run
-from train.models import build_builtin, build_tokenizer, family, load_pipeline
+from train.families import of as family
+from train.models import build_builtin, build_tokenizer, load_pipeline
 
 
 def test_random_sd15_is_sd15_sized():

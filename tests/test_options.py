@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from conftest import FAST, train_tiny, unet_weights
+from helpers import FAST, train_tiny, unet_weights
 from train.loop import draw_noise, min_snr_weights
 from train.models import build_builtin
 

@@ -10,7 +10,7 @@ import torch
 from cog import Path as CogPath
 from cog._inspector import create_predictor
 
-from conftest import read_training_json, untar
+from helpers import read_training_json, untar
 from predict import Predictor
 
 
@@ -112,7 +112,7 @@ def test_predict_trains_a_lora_and_resumes_from_a_checkpoint_tarball(tmp_path, p
                                                                     monkeypatch):
     import tarfile
 
-    from conftest import train_tiny
+    from helpers import train_tiny
     from safetensors.torch import load_file
 
     monkeypatch.setenv("BASE_MODEL", "tiny")

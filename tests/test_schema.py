@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PREDICT = ROOT / "predict.py"
 SCHEMA = ROOT / ".cog" / "openapi_schema.json"

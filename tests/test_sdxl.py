@@ -19,8 +19,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FAST, train_tiny
-from train.data import encode_text, image_tensor, prepare, time_ids
+from helpers import FAST, train_tiny
+from train.data import image_tensor, prepare, time_ids
+from train.families import sdxl
+from train.families.sdxl import encode_text
 from train.example_data import write_example_zip
 from train.intake import Example
 from train.lora import apply_kohya
@@ -115,7 +117,7 @@ def test_cached_text_conditioning_is_the_pipelines(base):
     image = Image.new("RGB", (64, 64))
     photos = [Example(f"{i}.png", caption, (64, 64), image)
               for i, caption in enumerate(["a photo of sks ball", "a ball"])]
-    data = prepare(base.vae, encoders, [base.tokenizer, base.tokenizer_2], photos, [], 64,
+    data = prepare(sdxl, base.vae, encoders, [base.tokenizer, base.tokenizer_2], photos, [], 64,
                    center_crop=True, cache_embeddings=True, seed=0)
     for p, caption in enumerate(sorted(ex.caption for ex in photos)):
         # What StableDiffusionXLPipeline conditions its UNet on, at the full 77 tokens.

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from train import UserError
-from train.models import build_builtin, check_model, family, load_pipeline
+from train.families import of as family
+from train.models import build_builtin, check_model, load_pipeline
 from train.single_file import save_single_file, single_file_state_dict
 
 FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import (FAST, image_bytes, make_zip, read_training_json, train_tiny, unet_weights,
-                      untar)
+from helpers import (FAST, image_bytes, make_zip, read_training_json, train_tiny, unet_weights)
 from train import TrainConfig, run
 from train.data import encode_images, tokenize
 from train.intake import read_images

@@ -9,7 +9,8 @@ samples), data (cached latents and prompts), loop (the training loop), export (t
 recipe (all of it, top to bottom), cli (the command line).
 """
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig
+from .errors import UserError
 
 __all__ = ["TrainConfig", "UserError", "run"]
 

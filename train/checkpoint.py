@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, UserError, effective_lr
+from .config import TrainConfig, effective_lr
+from .errors import UserError
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and

@@ -8,12 +8,9 @@ Exit 0 on success; on a user mistake, exit 2 with one line on stderr starting `e
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 
-from .config import TrainConfig, UserError, field_type, fields
-from .distributed import rank_and_size
+from .config import TrainConfig, field_type, fields
+from .errors import exit_status
 
 REQUIRED = ("instance_data", "instance_prompt", "output")
 
@@ -70,28 +67,3 @@ def to_argv(config: TrainConfig) -> list[str]:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             argv += ["--" + f.name.replace("_", "-"), text]
     return argv
-
-
-def exit_status(work) -> int:
-    """Run `work()`; a user mistake is one `error:` line on stderr and status 2, never a
-    traceback (the contract of every command-line entry point). SIGTERM (torchrun stopping
-    the other processes when one fails, or `kill`) ends it as Ctrl-C does, so the work folder
-    is removed on the way out."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-    # Every process of a multi-process run meets the same mistake: rank 0 says it.
-    say = rank_and_size()[0] == 0
-    try:
-        work()
-    except UserError as e:
-        if say:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if say:
-            print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from PIL import ImageColor
 
+from .errors import UserError
+
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup"]
 MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
@@ -43,10 +45,6 @@ def effective_lr(learning_rate: float | None, use_lora: bool) -> float:
     if learning_rate is not None:
         return learning_rate
     return LORA_LR if use_lora else FULL_LR
-
-
-class UserError(ValueError):
-    """A mistake in the user's input. Front doors print its message as one line, no traceback."""
 
 
 def setting(default, help: str, *, ge=None, le=None, choices=None, cog: bool = True):

@@ -7,15 +7,14 @@ length; with the text encoder frozen their embeddings are cached too. CLIP's att
 so the first L positions of a 77-token embedding equal the embedding of the prompt padded to L:
 slicing gives `pad_tokens=false` (pad to the longest prompt in the batch) for free.
 
-SDXL has two tokenizers and text encoders (`encode_text`): the UNet attends to both encoders'
-penultimate hidden states side by side and is also conditioned on text_encoder_2's pooled
-projection (one vector per prompt, read at the end token, so slicing leaves it unchanged) and
-on six numbers per image (`time_ids`: original size, crop offset, target size).
+Prompts go through the family's own encode_text (train/families): SDXL has two tokenizers and
+text encoders, and its pooled projection (one vector per prompt, read at the end token, so
+slicing leaves it unchanged) is cached beside the hidden states; it also takes six numbers per
+image (`time_ids`: original size, crop offset, target size), cached here per image and view.
 
-    data = prepare(pipe.vae, [pipe.text_encoder], [pipe.tokenizer], instance, classes,
-                   512, center_crop=False, cache_embeddings=True, seed=0)      # SD 1.x/2.x
-    data = prepare(pipe.vae, [pipe.text_encoder, pipe.text_encoder_2],
-                   [pipe.tokenizer, pipe.tokenizer_2], ...)                    # SDXL
+    data = prepare(families.get("sd1"), pipe.vae, families.text_encoders(pipe),
+                   families.tokenizers(pipe), instance, classes, 512, center_crop=False,
+                   cache_embeddings=True, seed=0)
 """
 
 from __future__ import annotations
@@ -160,24 +159,11 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.tensor(lengths)
 
 
-def encode_text(text_encoders: list, ids: list[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The UNet's text conditioning for token ids (one tensor per encoder): (hidden states,
-    pooled embedding or None). SD 1.x/2.x: the encoder's last hidden state. SDXL: both
-    encoders' penultimate hidden states side by side, and text_encoder_2's pooled projection
-    (CLIPTextModelWithProjection's first output), as StableDiffusionXLPipeline encodes prompts."""
-    if len(text_encoders) == 1:
-        return text_encoders[0](ids[0])[0], None
-    outputs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders, ids)]
-    states = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
-    return states, outputs[-1][0]
-
-
-def prepare(vae, text_encoders: list, tokenizers: list, instance: list[Example],
+def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[Example],
             classes: list[Example], resolution: int, center_crop: bool, cache_embeddings: bool,
             seed: int, flip: bool = False, aspect_buckets: bool = False) -> TrainingData:
-    """Encode every image once and tokenize every distinct caption once (with each tokenizer:
-    one for SD 1.x/2.x, two for SDXL, paired with `text_encoders`)."""
+    """Encode every image once and tokenize every distinct caption once (with each tokenizer of
+    `family`, a module of train/families, paired with `text_encoders`)."""
     device = vae.device
     prompts = sorted({ex.caption for ex in instance + classes})
     index = {p: i for i, p in enumerate(prompts)}
@@ -188,7 +174,7 @@ def prepare(vae, text_encoders: list, tokenizers: list, instance: list[Example],
     emb = pooled = None
     if cache_embeddings:
         with torch.no_grad():
-            emb, pooled = encode_text(text_encoders,
+            emb, pooled = family.encode_text(text_encoders,
                                       [i.to(e.device) for i, e in zip(ids, text_encoders)])
         emb, pooled = emb.float(), pooled.float() if pooled is not None else None
     buckets = bucket_sizes(resolution) if aspect_buckets else None  # class images stay square

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .config import UserError
+from .errors import UserError, exit_status
 from .metrics import (DEFAULT_CLIP, DEFAULT_DINO, FEATURE_BUILTINS, FeatureModels,
                       clip_image_features, clip_text_features, cross_similarity, diversity,
                       dino_features, load_feature_models, paired_similarity, self_similarity)
@@ -387,32 +387,28 @@ def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
 def _predict(pipe, inputs: dict, batch_size: int = 8) -> torch.Tensor:
     """The UNet's predictions (through the pipeline's own text encoders, the prompt padded to
     77 tokens as the pipeline renders it) for a probe's inputs, float32 on the CPU."""
-    from .data import encode_text, tokenize
-    from .models import family
+    from . import families
+    from .data import tokenize
 
     scheduler = _noise_scheduler(pipe)
-    sdxl = family(pipe) == "sdxl"
-    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    family = families.get(families.of(pipe))
+    encoders, tokenizers = families.text_encoders(pipe), families.tokenizers(pipe)
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     ids = [tokenize(tok, [inputs["prompt"]])[0].to(enc.device)
            for tok, enc in zip(tokenizers, encoders)]
-    states, pooled = encode_text(encoders, ids)
+    states, pooled = family.encode_text(encoders, ids)
     preds = []
     for start in range(0, len(inputs["t"]), batch_size):
         part = slice(start, start + batch_size)
         x0, noise, t = inputs["latents"][part], inputs["noise"][part], inputs["t"][part]
         noisy = scheduler.add_noise(x0, noise, t).to(device, dtype)
         n = len(t)
-        added = None
-        if sdxl:  # the size and crop conditioning of an uncropped square image
-            side = x0.shape[-1] * pipe.vae_scale_factor
-            added = {"text_embeds": pooled.expand(n, -1).to(dtype),
-                     "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * n,
-                                              device=device, dtype=dtype)}
-        out = unet(noisy, t.to(device), states.expand(n, -1, -1).to(dtype),
-                   added_cond_kwargs=added).sample
+        side = x0.shape[-1] * pipe.vae_scale_factor  # an uncropped square image's time ids
+        time_ids = (torch.tensor([[side, side, 0, 0, side, side]] * n, device=device, dtype=dtype)
+                    if family.TIME_IDS else None)
+        out = family.denoise(unet, noisy, t.to(device), states.expand(n, -1, -1).to(dtype),
+                             None if pooled is None else pooled.expand(n, -1).to(dtype), time_ids)
         preds.append(out.float().cpu())
     return torch.cat(preds)
 
@@ -465,8 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import exit_status
-
     args = build_parser().parse_args(argv)
     return exit_status(lambda: run_cli(args))
 

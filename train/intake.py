@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageCms, ImageColor, ImageOps, UnidentifiedImageError
 
-from .config import UserError
+from .errors import UserError
 
 try:  # HEIC/HEIF, as iPhones take them; optional so that intake never fails to import
     from pillow_heif import register_heif_opener

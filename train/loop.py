@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import UserError
-from .data import TrainingData, encode_text, epoch_batches
+from .errors import UserError
+from .data import TrainingData, epoch_batches
 
 
 class Diverged(UserError):
@@ -95,13 +95,13 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - rate)
 
 
-def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_scheduler,
+def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimizer, lr_scheduler,
           data: TrainingData, params, state: LoopState, until: int, total_steps: int,
           config, prior_loss_weight: float, log_every: int, ema: list | None = None,
           ema_params: list | None = None, log=print) -> LoopState:
     """Train from `state.step` to `until` optimizer steps (of `total_steps` in the run).
-    `text_encoders`: [text_encoder], or SDXL's [text_encoder, text_encoder_2], whose UNet also
-    gets the pooled text embedding and each image's time ids. `config` (a TrainConfig) gives
+    `family` (a module of train/families) encodes the prompts with `text_encoders` and calls
+    the UNet with its extra conditioning (SDXL: the pooled text embedding, each image's time ids). `config` (a TrainConfig) gives
     the per-step settings: batch size, pad_tokens, flip_p, offset_noise, snr_gamma,
     max_grad_norm, text_encoder_steps. Raises Diverged before an update that a non-finite loss
     or gradient would poison."""
@@ -115,7 +115,6 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
     shapes = shapes if len(set(shapes)) > 1 else None
     num_timesteps = noise_scheduler.config.num_train_timesteps
     fp16_scaler = accelerator.scaler is not None  # it skips overflowed steps by itself
-    sdxl = len(text_encoders) == 2
     unet.train()
 
     sums, micro = torch.zeros(3), 0
@@ -163,7 +162,7 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
                           if data.prompt_pooled is not None else None)
             else:
                 with torch.set_grad_enabled(train_text):
-                    states, pooled = encode_text(text_encoders, [
+                    states, pooled = family.encode_text(text_encoders, [
                         ids[prompts, :length] for ids in data.prompt_ids])
             preds, targets, all_t = [], [], []
             done = 0  # local rows so far: states and pooled follow the local order
@@ -184,10 +183,10 @@ def train(*, accelerator, unet, text_encoders, noise_scheduler, optimizer, lr_sc
                 part = slice(done, done + len(keep))
                 done += len(keep)
                 # SDXL's size and crop conditioning, with the pooled text embedding.
-                added = ({"text_embeds": pooled[part], "time_ids": torch.stack(
-                    [rows[group[j]][2] for j in keep.tolist()]).to(device)} if sdxl else None)
-                preds.append(unet(noisy, timesteps, states[part],
-                                  added_cond_kwargs=added).sample)
+                time_ids = (torch.stack([rows[group[j]][2] for j in keep.tolist()]).to(device)
+                            if family.TIME_IDS else None)
+                preds.append(family.denoise(unet, noisy, timesteps, states[part],
+                                            None if pooled is None else pooled[part], time_ids))
                 all_t.append(timesteps)
             if len(groups) == 1:  # the first n_inst local rows are instance images
                 preds = [preds[0][:n_inst], preds[0][n_inst:]]

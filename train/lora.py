@@ -140,9 +140,9 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
 
 def kohya_version(pipe) -> str:
     """kohya's ss_base_model_version for a pipeline: sd_v1, sd_v2 or sdxl_base_v1-0."""
-    from .models import family
+    from . import families
 
-    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family(pipe)]
+    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[families.of(pipe)]
 
 
 def kohya_names(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, str]:

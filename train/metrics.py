@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEFAULT_CLIP, DEFAULT_DINO, UserError
+from .config import DEFAULT_CLIP, DEFAULT_DINO
+from .errors import UserError
 
 FEATURE_BUILTINS = ["tiny", "random"]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError
+from . import families
+from .errors import UserError
+from .families import FAMILY_NAMES, PIPELINES
 
 TOKENIZER_WORDS = (
     "a an the photo picture image of in on at with and wearing sks zwx ohwx person man woman "
     "dog cat toy bag backpack can clock bowl shoe glasses plushie vase sneaker teapot boot car "
     "red green blue yellow white black beach snow city forest background style painting").split()
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # The lab's pretrained toy model lives beside the package, in the checkout (not in the Cog image).
 SHIPPED = {"toy": Path(__file__).resolve().parent.parent / "toy" / "model"}
@@ -48,14 +48,14 @@ SHIPPED = {"toy": Path(__file__).resolve().parent.parent / "toy" / "model"}
 def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline in fp32 on `device`, safety checker
     off, from local files only. `config_folder` is needed (and only used) for a single file."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     model = str(SHIPPED.get(model, model))
     kind = check_model(model, config_folder)
     if model in BUILTIN:
         pipe = build_builtin(model, device)
     else:
-        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        cls = getattr(diffusers, families.get(kind).PIPELINE)
         options = dict(dtype=torch.float32, local_files_only=True)
         if kind != "sdxl":  # SDXL has no safety checker; naming one there only draws a warning
             options.update(safety_checker=None, feature_extractor=None,
@@ -116,23 +116,6 @@ def check_model(model: str, config_folder: str | None = None) -> str:
     return kind
 
 
-def family(pipe) -> str:
-    """"sd1", "sd2" or "sdxl" for a loaded pipeline (the rule is `_family`'s)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    return _family(isinstance(pipe, StableDiffusionXLPipeline), pipe.text_encoder.config.hidden_act,
-                   pipe.unet.config.use_linear_projection)
-
-
-def _family(xl: bool, text_act: str | None, linear_projection: bool | None) -> str:
-    # SD 2.x replaced CLIP-L (quick_gelu) by OpenCLIP-H (gelu) and the UNet's 1x1-conv attention
-    # projections by linear ones; no SD 1.x model has either, so either one marks SD 2.x. The
-    # text encoder also decides the single-file layout (CLIP or OpenCLIP keys).
-    if xl:
-        return "sdxl"
-    return "sd2" if text_act == "gelu" or linear_projection else "sd1"
-
-
 def _folder_family(path: Path, what: str) -> str:
     """Check that `path` is a diffusers SD or SDXL folder and read its family from the configs."""
     if not path.is_dir():
@@ -147,8 +130,7 @@ def _folder_family(path: Path, what: str) -> str:
                         f"({', '.join(sorted(PIPELINES))}) models are supported")
     text = _read_json(path / "text_encoder" / "config.json", what)
     unet = _read_json(path / "unet" / "config.json", what)
-    return _family(kind == "StableDiffusionXLPipeline", text.get("hidden_act"),
-                   unet.get("use_linear_projection"))
+    return families.detect(kind, text.get("hidden_act"), unet.get("use_linear_projection"))
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -26,12 +26,14 @@ import torch
 from . import checkpoint
 from . import data as data_mod
 from . import distributed
-from .config import Concept, TrainConfig, UserError, concepts_of
+from .config import Concept, TrainConfig, concepts_of
+from .errors import UserError
 from .distributed import rank_and_size
 from .export import save_images, save_pipeline, versions, write_json, write_tar
 from .intake import Limits, outside_folders, prompt_words, read_images, require_images
 from .metrics import check_feature_models
-from .models import check_model, family
+from . import families
+from .models import check_model
 from .quiet import quiet_libraries
 
 
@@ -140,7 +142,8 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
         torch.set_float32_matmul_precision("highest" if precision == "no" else "high")
     # SDXL conditions on the first text encoder's penultimate layer: its last layer gets no
     # gradient, which DDP (several processes) must be told to expect.
-    unused = config.train_text_encoder and check_model(*config.model_source()) == "sdxl"
+    family = families.get(check_model(*config.model_source()))
+    unused = config.train_text_encoder and family.UNUSED_TEXT_PARAMETERS
     accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               kwargs_handlers=[DistributedDataParallelKwargs(
@@ -204,17 +207,16 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
 
     # 3. Cache latents once; and text embeddings too when the text encoders stay frozen.
     # SDXL has two text encoders (and tokenizers); both train, or both stay frozen.
-    sdxl = family(pipe) == "sdxl"
-    text_names = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    text_names = families.text_names(pipe)
+    tokenizers = families.tokenizers(pipe)
     unet, vae = pipe.unet, pipe.vae
-    text_encoders = [getattr(pipe, name) for name in text_names]
+    text_encoders = families.text_encoders(pipe)
     # The VAE stays fp32: it encodes each image once (cheap), SDXL's overflows in fp16, and
     # the exported VAE is then exactly the base model's, not a round trip through bf16.
     vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
-    data = data_mod.prepare(vae, text_encoders, tokenizers, instance, classes,
+    data = data_mod.prepare(family, vae, text_encoders, tokenizers, instance, classes,
                             config.resolution, config.center_crop,
                             cache_embeddings=not config.train_text_encoder, seed=config.seed,
                             flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
@@ -222,14 +224,14 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
 
     # 4. Train: all UNet weights (and the text encoders'), or LoRA adapters on them.
     base_weights = _base_weights(pipe, text_names, config) if config.extract_lora else None
-    unet_params, text_params = _trainable(unet, dict(zip(text_names, text_encoders)), config)
+    unet_params, text_params = mark_trainable(unet, dict(zip(text_names, text_encoders)), config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             for text_encoder in text_encoders:
                 text_encoder.activation_checkpointing_enable()  # transformers 5 name
     params = unet_params + text_params
-    optimizer = _optimizer(config, plan, unet_params, text_params)
+    optimizer = make_optimizer(config, plan, unet_params, text_params)
     lr_scheduler = _lr_scheduler(config, plan, optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if config.train_text_encoder:
@@ -268,7 +270,7 @@ def _train_and_export(config, concepts, plan, instance, inst_skipped, classes, c
     try:
         while state.step < plan["steps"]:
             until = min([plan["steps"]] + [(state.step // n + 1) * n for n in every])
-            state = train(accelerator=accelerator, unet=unet, text_encoders=text_encoders,
+            state = train(accelerator=accelerator, family=family, unet=unet, text_encoders=text_encoders,
                           noise_scheduler=noise_scheduler, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, data=data, params=params, state=state,
                           until=until, total_steps=plan["steps"], config=config,
@@ -384,7 +386,7 @@ def _fingerprint(trainable: dict) -> str:
     return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]
 
 
-def _trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
+def mark_trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
     """Mark what trains and return (UNet parameters, text-encoder parameters) to optimize.
     `text_encoders` by pipeline attribute: text_encoder, and SDXL's text_encoder_2."""
     train_text = text_encoders if config.train_text_encoder else {}
@@ -401,7 +403,7 @@ def _trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
     return list(unet.parameters()), [p for model in train_text.values() for p in model.parameters()]
 
 
-def _optimizer(config, plan, unet_params, text_params):
+def make_optimizer(config, plan, unet_params, text_params):
     """AdamW over the UNet's parameters, and the text encoder's at text_encoder_lr."""
     groups = [{"params": unet_params}]
     if text_params:
@@ -510,7 +512,7 @@ def _export(pipe, config, out: Path, base_weights) -> list[str]:
                 targets = (lora.UNET_TARGETS + lora.UNET_RESNET_TARGETS if kind == "unet"
                            else None)
                 extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind,
-                                               targets=targets, sdxl=family(pipe) == "sdxl")
+                                               targets=targets, sdxl=families.of(pipe) == "sdxl")
             lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
                             rank, rank, v_prediction=pipe.scheduler.config.get(
                                 "prediction_type") == "v_prediction")

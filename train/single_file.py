@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import families
+
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 
@@ -161,11 +163,9 @@ TEXT_ENCODERS = {
 def single_file_state_dict(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder(s) under their original single-file names
     (the pipeline's own tensors, views of them, or fused q/k/v: nothing is cast)."""
-    from .models import family
-
     parts = [(UNET, unet_state_dict(pipe.unet)), (VAE, vae_state_dict(pipe.vae))]
     parts += [(prefix, convert(getattr(pipe, attr)))
-              for attr, prefix, convert in TEXT_ENCODERS[family(pipe)]]
+              for attr, prefix, convert in TEXT_ENCODERS[families.of(pipe)]]
     return {prefix + key: tensor for prefix, state in parts for key, tensor in state.items()}
 
 
@@ -174,11 +174,9 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16)
     ("sd1", "sd2", "sdxl") in the file's metadata."""
     from safetensors.torch import save_file
 
-    from .models import family
-
     tensors = {k: v.detach().to("cpu", dtype).contiguous()
                for k, v in single_file_state_dict(pipe).items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "family": family(pipe)})
+    save_file(tensors, str(path), metadata={"format": "pt", "family": families.of(pipe)})
 
 
 def checkpoint_family(keys) -> str | None:
