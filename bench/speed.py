@@ -104,7 +104,7 @@ def step_flops(config) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from train.models import build_builtin
-    from train.recipe import mark_trainable
+    from train.optim import mark_trainable
 
     pipe = build_builtin(config.model, "meta")
     unet, text_encoder = pipe.unet.train(), pipe.text_encoder

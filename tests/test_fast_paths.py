@@ -12,7 +12,7 @@ import torch
 
 from train.config import TrainConfig
 from train.models import build_builtin
-from train.recipe import make_optimizer
+from train.optim import make_optimizer
 
 
 def train_steps(unet, optimizer, steps: int = 5):
@@ -31,9 +31,8 @@ def train_steps(unet, optimizer, steps: int = 5):
 def test_the_recipes_fused_adamw_matches_the_plain_per_tensor_loop():
     config = TrainConfig(instance_data="x.zip", instance_prompt="a photo of sks ball",
                          class_prompt="a photo of a ball")
-    plan = {"learning_rate": 1e-4, "text_encoder_lr": 1e-4}
     fast_unet, plain_unet = build_builtin("tiny").unet, build_builtin("tiny").unet
-    fast = make_optimizer(config, plan, list(fast_unet.parameters()), [])
+    fast = make_optimizer(config, list(fast_unet.parameters()), [], lr=1e-4, text_lr=1e-4)
     assert fast.defaults["fused"]  # what the recipe trains with
     plain = torch.optim.AdamW(plain_unet.parameters(), lr=1e-4, betas=(0.9, 0.999),
                               weight_decay=0.01, eps=1e-8, foreach=False)

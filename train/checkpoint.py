@@ -18,6 +18,7 @@ previous checkpoint as the latest; `resume` also takes a tarball of a checkpoint
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -25,10 +26,12 @@ import tarfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, effective_lr
 from .errors import UserError
+from .intake import Example
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and
@@ -192,3 +195,24 @@ def restore(folder: Path, *, trainable: dict, optimizer, lr_scheduler, scaler,
     generator.set_state(torch.load(folder / "generator.pt", weights_only=True))
     return LoopState(meta["step"], generator, [tuple(b) for b in meta["pending"]],
                      meta["history"], meta["elapsed"])
+
+
+def png_bytes(image) -> bytes:
+    """An image as PNG bytes: how a checkpoint stores generated class images."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stored_class_images(folder: Path, concepts: list) -> list:
+    """The class images a checkpoint stored, as Examples in their original order."""
+    root = folder / "class_images"
+    examples = []
+    for path in sorted(root.rglob("*.png")) if root.is_dir() else []:
+        name = str(path.relative_to(root))
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        concept = int(name.split("/")[1]) if name.count("/") == 2 else 0  # generated/k/i.png
+        examples.append(Example(name, concepts[concept].class_prompt, image.size, image,
+                                concept=concept))
+    return examples

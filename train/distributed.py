@@ -102,3 +102,15 @@ def launch(processes: int, argv: list[str], *, cpu: bool, log=print) -> tuple[in
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+
+
+def fingerprint(trainable: dict) -> str:
+    """A digest of the trained weights (each tensor's sum in float64, computed where it lives)
+    that processes compare."""
+    import hashlib
+
+    import torch  # here, not at the top: the command line imports this module before torch
+
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in trainable.values()]).cpu()
+    return hashlib.sha256(sums.numpy().tobytes()).hexdigest()[:16]

@@ -259,6 +259,54 @@ def pick_balanced(evaluations: list[dict]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
+# --- During a training run: each checkpoint scored, the best balanced one named ---------------
+
+def evaluate_concepts(pipe, config, concepts, instance, features, probes, folder: Path,
+                      log) -> list[dict]:
+    """Score the model as it is now, one report per concept, written into `folder` (or
+    folder/evaluation/k with several concepts). Leaves the UNet and text encoders in eval mode:
+    the next training segment puts them back in train mode."""
+    pipe.unet.eval()
+    reports = []
+    for k, concept in enumerate(concepts):
+        where = folder if len(concepts) == 1 else folder / "evaluation" / str(k)
+        reports.append(evaluate(
+            pipe, [ex.image for ex in instance if ex.concept == k], concept.instance_prompt,
+            concept.class_prompt, features, where, prompts=config.eval_prompt_list(),
+            n_per_prompt=config.eval_images_per_prompt, steps=config.save_infer_steps,
+            guidance=config.save_guidance_scale, seed=config.seed,
+            resolution=config.resolution, batch_size=config.sample_batch_size,
+            probe=probes[k], log=log))
+    return reports
+
+
+def brief(reports: list[dict]) -> list[dict]:
+    """What training.json and the checkpoint list keep of each concept's report."""
+    return [{"metrics": r["metrics"], "proxies": r["proxies"]} for r in reports]
+
+
+def pick_checkpoint(candidates: list[dict], out: Path, n_concepts: int, log) -> dict:
+    """Name the checkpoint (or the final model: the last candidate) that balances subject and
+    prompt fidelity best, in each concept's evaluation.json; returns what training.json
+    records of it."""
+    balanced = []
+    for k in range(n_concepts):
+        best = candidates[pick_balanced([c["reports"][k] for c in candidates])]
+        balanced.append({"step": best["step"], "checkpoint": best["checkpoint"]})
+        path = out / "evaluation.json" if n_concepts == 1 else (
+            out / "evaluation" / str(k) / "evaluation.json")
+        report = json.loads(path.read_text())
+        report["checkpoints"] = [{"step": c["step"], "checkpoint": c["checkpoint"],
+                                  **c["reports"][k]} for c in candidates]
+        report["balanced"] = balanced[-1]
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        if len(candidates) > 1:
+            where = "the final model" if best is candidates[-1] else best["checkpoint"]
+            log(f"evaluation: the best balance of subject and prompt fidelity is at step "
+                f"{best['step']} ({where})")
+    return {"checkpoints": candidates, "balanced": balanced}
+
+
 # --- The contact sheet ----------------------------------------------------------------------
 
 def contact_sheet(rows: list[tuple[str, list[Image.Image]]], thumb: int = 128) -> Image.Image:

@@ -2,7 +2,8 @@
 
 The tarball holds at its top level a diffusers pipeline folder (`model_index.json`, `unet/`,
 `text_encoder/`, `vae/`, `tokenizer/`, `scheduler/`) that `DiffusionPipeline.from_pretrained`
-loads offline, `training.json`, and `samples/` when sample images were asked for.
+loads offline, `training.json`, and `samples/` when sample images were asked for; the other
+formats (`output_format`: one single-file checkpoint, LoRA files) beside it: `export_formats`.
 """
 
 from __future__ import annotations
@@ -104,3 +105,42 @@ def write_tar(folder: Path, output: Path) -> int:
             tar.add(path, arcname=path.name)
     os.replace(partial, output)
     return output.stat().st_size
+
+
+def export_formats(pipe, config, out: Path, base_weights: dict | None) -> list[str]:
+    """Write the formats `config.output_format` names into `out`; returns the files and folders
+    written. `base_weights` (optim.base_weights) are the weights before training, which
+    extract_lora needs."""
+    from . import families, lora  # peft: imported by the runs that write LoRA files
+    from .single_file import save_single_file
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[config.save_precision]
+    formats = config.formats()
+    written = []
+    if "lora" in formats:
+        if config.use_lora:
+            written += [str(p.relative_to(out)) for p in lora.save_lora(pipe, out, dtype).values()]
+        else:  # kohya layout only: AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read it
+            rank = config.extract_lora
+            extracted = {}
+            for kind, weights in base_weights.items():
+                # A full fine-tune moves the resnets too: extract them as well (kohya's LoCon).
+                targets = (lora.UNET_TARGETS + lora.UNET_RESNET_TARGETS if kind == "unet"
+                           else None)
+                extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind,
+                                               targets=targets,
+                                               sdxl=families.of(pipe) == "sdxl")
+            lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
+                            rank, rank, v_prediction=pipe.scheduler.config.get(
+                                "prediction_type") == "v_prediction")
+            written.append("lora.safetensors")
+    if config.use_lora and {"diffusers", "single_file"} & set(formats):
+        lora.merge_lora(pipe)  # full weights with the adapters folded in
+    if "single_file" in formats:
+        save_single_file(pipe, out / "model.safetensors", dtype)
+        written.append("model.safetensors")
+    if "diffusers" in formats:
+        save_pipeline(pipe, out, dtype)
+        written.append("model_index.json")
+    return written
