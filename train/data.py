@@ -194,6 +194,62 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
         prompt_emb=emb, prompt_pooled=pooled, pairs=epoch_pairs(instance, classes))
 
 
+@dataclass
+class RowGroup:
+    """Rows of one latent shape: their latent distributions and SDXL time ids, and which of them
+    (indices into the group) are this process's."""
+    mean: torch.Tensor           # [rows, 4, h, w]
+    std: torch.Tensor
+    time_ids: torch.Tensor       # [rows, 6]
+    mine: torch.Tensor           # indices of this process's rows
+
+
+@dataclass
+class Batch:
+    """One step's examples. The groups hold the whole global batch (every process's rows, so
+    that noise is drawn for all of them alike); the prompts are this process's rows'."""
+    groups: list[RowGroup]       # one, unless aspect buckets give instance and class rows
+    prompts: torch.Tensor        # this process's rows' indices into the prompt table
+    length: int                  # tokens the prompts are padded to
+    n_instance: int              # this process's instance rows, which come first
+
+
+def draw_batch(data: TrainingData, pending: list, generator: torch.Generator, *,
+               batch_size: int, processes: int = 1, rank: int = 0, flip_p: float = 0.0,
+               pad_tokens: bool = False) -> Batch:
+    """The next batch of the epoch (`pending`: the batches it has left, refilled with a new
+    epoch when empty), with each row's view drawn (mirrored with probability `flip_p`).
+    Several processes draw the same global batch of batch_size x processes pairs; each takes
+    its slice of the instance rows and of the class rows."""
+    shapes = [tuple(m.shape) for m in data.inst_mean]
+    if not pending:
+        pending += epoch_batches(data.pairs, batch_size * processes, generator,
+                                 shapes if len(set(shapes)) > 1 else None, fill=processes > 1)
+    inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in pending.pop(0))
+    n_inst, n_cls = len(inst) // processes, len(cls) // processes
+    mine = set(range(rank * n_inst, (rank + 1) * n_inst)) | set(
+        range(len(inst) + rank * n_cls, len(inst) + (rank + 1) * n_cls))
+    # View 1 is the mirrored image, drawn with probability flip_p (only if it was cached).
+    if flip_p > 0:
+        views = (torch.rand(len(inst) + len(cls), generator=generator) < flip_p).long()
+    else:
+        views = torch.zeros(len(inst) + len(cls), dtype=torch.long)
+    rows = [(data.inst_mean[i][v], data.inst_std[i][v], data.inst_time[i][v]) for i, v in
+            zip(inst.tolist(), views[:len(inst)].tolist())]
+    rows += [(data.cls_mean[i][v], data.cls_std[i][v], data.cls_time[i][v]) for i, v in
+             zip(cls.tolist(), views[len(inst):].tolist())]
+    prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
+    # Without pad_tokens, prompts are padded only to the longest one in the (global) batch.
+    length = data.prompt_ids[0].shape[1] if pad_tokens else int(data.prompt_len[prompts].max())
+    # One UNet batch per latent shape: one in all, unless aspect buckets differ.
+    spans = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
+             else [range(len(inst)), range(len(inst), len(rows))])
+    groups = [RowGroup(*(torch.stack([rows[r][k] for r in span]) for k in range(3)),
+                       mine=torch.tensor([j for j, r in enumerate(span) if r in mine]))
+              for span in spans]
+    return Batch(groups, prompts[torch.tensor(sorted(mine))], length, n_inst)
+
+
 def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:
     """(instance index, class index or None) pairs of one epoch. Per concept, max(instances,
     class images) pairs, the smaller set repeating, as in diffusers' DreamBooth; an instance

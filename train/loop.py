@@ -7,9 +7,11 @@ random timesteps, and asks the UNet for the noise (or v); the loss is
 
 The class half is DreamBooth's prior preservation: it keeps the model able to draw the plain
 class while it learns the subject. `recipe.run` calls `train` once per stretch between
-checkpoints; everything the loop draws at random comes from the one seeded CPU generator in
-`LoopState`, so on a CPU the same seed gives bit-identical weights, and a run resumed from a
-checkpoint (which stores that state) ends exactly where an uninterrupted one does.
+checkpoints, with the `Training` it prepared; each step's rows come from data.draw_batch, and
+the family (train/families) encodes the prompts and calls the UNet. Everything the loop draws
+at random comes from the one seeded CPU generator in `LoopState`, so on a CPU the same seed gives
+bit-identical weights, and a run resumed from a checkpoint (which stores that state) ends
+exactly where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import TrainingData, draw_batch
 from .errors import UserError
-from .data import TrainingData, epoch_batches
 
 
 class Diverged(UserError):
@@ -95,25 +97,42 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
         torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - rate)
 
 
-def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimizer, lr_scheduler,
-          data: TrainingData, params, state: LoopState, until: int, total_steps: int,
-          config, prior_loss_weight: float, log_every: int, ema: list | None = None,
-          ema_params: list | None = None, log=print) -> LoopState:
-    """Train from `state.step` to `until` optimizer steps (of `total_steps` in the run).
-    `family` (a module of train/families) encodes the prompts with `text_encoders` and calls
-    the UNet with its extra conditioning (SDXL: the pooled text embedding, each image's time ids). `config` (a TrainConfig) gives
-    the per-step settings: batch size, pad_tokens, flip_p, offset_noise, snr_gamma,
-    max_grad_norm, text_encoder_steps. Raises Diverged before an update that a non-finite loss
-    or gradient would poison."""
-    device = accelerator.device
-    generator = state.generator
+@dataclass
+class Training:
+    """What the loop trains and with what: the models as accelerate prepared them, the
+    optimizer, the schedules, the trainable tensors by name, and the EMA of the UNet's."""
+    unet: object
+    text_encoders: list          # [text_encoder], or SDXL's two
+    optimizer: object
+    lr_scheduler: object
+    noise_scheduler: object      # DDPM with the base model's betas and prediction type
+    params: list                 # every trainable parameter, for gradient clipping
+    trainable: dict              # "unet.<name>" / "text_encoder.<name>" -> parameter
+    ema: dict | None             # UNet parameter name -> its moving average (use_ema)
+    base_weights: dict | None    # the weights before training, for extract_lora
+
+    @property
+    def ema_names(self) -> list[str]:
+        return [n for n in self.trainable if n.startswith("unet.")]
+
+
+def train(accelerator, family, training: Training, data: TrainingData, state: LoopState,
+          plan, config, until: int, log=print) -> LoopState:
+    """Train from `state.step` to `until` optimizer steps (of `plan.steps` in the run).
+    `family` (a module of train/families) encodes the prompts and calls the UNet with its extra
+    conditioning. `config` (a TrainConfig) gives the per-step settings: batch size, pad_tokens,
+    flip_p, offset_noise, snr_gamma, max_grad_norm, text_encoder_steps, ema_decay. Raises
+    Diverged before an update that a non-finite loss or gradient would poison."""
+    device, generator = accelerator.device, state.generator
+    unet, text_encoders, scheduler = training.unet, training.text_encoders, training.noise_scheduler
+    optimizer = training.optimizer
+    prior_loss_weight = config.prior_loss_weight if plan.class_images else 0.0
+    ema = list(training.ema.values()) if training.ema else None
+    ema_params = [training.trainable[n] for n in training.ema_names] if ema else None
     # Several processes: every one draws the same global batch (train_batch_size per process)
     # with the same noise and timesteps, and trains on its slice; DDP averages the gradients.
     # So N processes take the steps one process would with N times the batch.
     world, rank = accelerator.num_processes, accelerator.process_index
-    shapes = [tuple(m.shape) for m in data.inst_mean]
-    shapes = shapes if len(set(shapes)) > 1 else None
-    num_timesteps = noise_scheduler.config.num_train_timesteps
     fp16_scaler = accelerator.scaler is not None  # it skips overflowed steps by itself
     unet.train()
 
@@ -126,72 +145,45 @@ def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimize
             config.text_encoder_steps and state.step >= config.text_encoder_steps)
         for text_encoder in text_encoders:
             text_encoder.train(train_text)
-        if not state.pending:
-            state.pending = epoch_batches(data.pairs, config.train_batch_size * world,
-                                          generator, shapes, fill=world > 1)
-        inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in state.pending.pop(0))
-        # This process's rows of the global batch: its instance images, then its class images.
-        n_inst, n_cls = len(inst) // world, len(cls) // world
-        mine = set(range(rank * n_inst, (rank + 1) * n_inst)) | set(
-            range(len(inst) + rank * n_cls, len(inst) + (rank + 1) * n_cls))
-        # View 1 is the mirrored image, drawn with probability flip_p (only if it was cached).
-        if config.flip_p > 0:
-            views = (torch.rand(len(inst) + len(cls), generator=generator)
-                     < config.flip_p).long()
-        else:
-            views = torch.zeros(len(inst) + len(cls), dtype=torch.long)
-        rows = [(data.inst_mean[i][v], data.inst_std[i][v], data.inst_time[i][v]) for i, v in
-                zip(inst.tolist(), views[:len(inst)].tolist())]
-        rows += [(data.cls_mean[i][v], data.cls_std[i][v], data.cls_time[i][v]) for i, v in
-                 zip(cls.tolist(), views[len(inst):].tolist())]
-        prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
-        # Without pad_tokens, prompts are padded only to the longest one in the batch.
-        length = (data.prompt_ids[0].shape[1] if config.pad_tokens
-                  else int(data.prompt_len[prompts].max()))
-        # One UNet batch per latent shape: one in all, unless aspect buckets differ.
-        groups = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
-                  else [range(len(inst)), range(len(inst), len(rows))])
-
-        local = torch.tensor(sorted(mine))
-        prompts = prompts[local].to(device)  # padded to the global batch's longest, above
+        batch = draw_batch(data, state.pending, generator, batch_size=config.train_batch_size,
+                           processes=world, rank=rank, flip_p=config.flip_p,
+                           pad_tokens=config.pad_tokens)
+        prompts = batch.prompts.to(device)
 
         with accelerator.accumulate(unet, *text_encoders):
             if data.prompt_emb is not None:
-                states = data.prompt_emb[prompts, :length]
+                states = data.prompt_emb[prompts, :batch.length]
                 pooled = (data.prompt_pooled[prompts]
                           if data.prompt_pooled is not None else None)
             else:
                 with torch.set_grad_enabled(train_text):
                     states, pooled = family.encode_text(text_encoders, [
-                        ids[prompts, :length] for ids in data.prompt_ids])
+                        ids[prompts, :batch.length] for ids in data.prompt_ids])
             preds, targets, all_t = [], [], []
             done = 0  # local rows so far: states and pooled follow the local order
-            for group in groups:
-                mean = torch.stack([rows[r][0] for r in group])
-                std = torch.stack([rows[r][1] for r in group])
+            for group in batch.groups:
                 # Noise is drawn on the CPU from the seeded generator: the same on any device
                 # and in every process, for the whole global batch.
-                sample_noise = torch.randn(mean.shape, generator=generator)
-                noise = draw_noise(mean.shape, generator, config.offset_noise)
-                timesteps = torch.randint(0, num_timesteps, (len(group),), generator=generator)
-                keep = torch.tensor([j for j, r in enumerate(group) if r in mine])
+                sample_noise = torch.randn(group.mean.shape, generator=generator)
+                noise = draw_noise(group.mean.shape, generator, config.offset_noise)
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
+                                          (len(group.mean),), generator=generator)
                 mean, std, sample_noise, noise, timesteps = (
-                    t[keep].to(device) for t in (mean, std, sample_noise, noise, timesteps))
+                    t[group.mine].to(device)
+                    for t in (group.mean, group.std, sample_noise, noise, timesteps))
                 latents = mean + std * sample_noise
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                targets.append(noise_target(noise_scheduler, latents, noise, timesteps))
-                part = slice(done, done + len(keep))
-                done += len(keep)
-                # SDXL's size and crop conditioning, with the pooled text embedding.
-                time_ids = (torch.stack([rows[group[j]][2] for j in keep.tolist()]).to(device)
-                            if family.TIME_IDS else None)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                targets.append(noise_target(scheduler, latents, noise, timesteps))
+                part = slice(done, done + len(group.mine))
+                done += len(group.mine)
+                time_ids = group.time_ids[group.mine].to(device) if family.TIME_IDS else None
                 preds.append(family.denoise(unet, noisy, timesteps, states[part],
                                             None if pooled is None else pooled[part], time_ids))
                 all_t.append(timesteps)
-            if len(groups) == 1:  # the first n_inst local rows are instance images
-                preds = [preds[0][:n_inst], preds[0][n_inst:]]
-                targets = [targets[0][:n_inst], targets[0][n_inst:]]
-            weights = (min_snr_weights(noise_scheduler, torch.cat(all_t), config.snr_gamma)
+            if len(batch.groups) == 1:  # the first n_instance local rows are instance images
+                n = batch.n_instance
+                preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
+            weights = (min_snr_weights(scheduler, torch.cat(all_t), config.snr_gamma)
                        if config.snr_gamma > 0 else None)
             loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], preds[1],
                                                         targets[1], prior_loss_weight, weights)
@@ -203,7 +195,7 @@ def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimize
                     sums = accelerator.reduce(sums.to(device), reduction="mean").cpu()
                 # An infinite limit measures the norm without clipping (0 = no clipping).
                 grad_norm = accelerator.clip_grad_norm_(
-                    params, config.max_grad_norm or float("inf"))
+                    training.params, config.max_grad_norm or float("inf"))
                 total = float(sums[0] / micro)
                 if not math.isfinite(total) or not (fp16_scaler
                                                     or math.isfinite(float(grad_norm))):
@@ -212,7 +204,7 @@ def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimize
                                                       accelerator.mixed_precision))
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 optimizer.step()
-                lr_scheduler.step()
+                training.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
         if accelerator.sync_gradients:
@@ -229,8 +221,8 @@ def train(*, accelerator, family, unet, text_encoders, noise_scheduler, optimize
                                   "grad_norm": finite(float(grad_norm)), "lr": lr,
                                   "time": round(state.elapsed, 4)})
             sums, micro = torch.zeros(3), 0
-            if state.step == 1 or state.step == total_steps or state.step % log_every == 0:
-                log(progress_line(state.step, total_steps, total, lr, state.elapsed))
+            if state.step == 1 or state.step == plan.steps or state.step % plan.log_every == 0:
+                log(progress_line(state.step, plan.steps, total, lr, state.elapsed))
     return state
 
 

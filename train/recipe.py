@@ -32,7 +32,7 @@ from .distributed import rank_and_size
 from .errors import UserError
 from .export import export_formats, save_images, versions, write_json, write_tar
 from .intake import Example, Limits, outside_folders, prompt_words, read_images, require_images
-from .loop import Diverged, LoopState, train
+from .loop import Diverged, LoopState, Training, train
 from .metrics import check_feature_models
 from .models import check_model, load_pipeline
 from .optim import (base_weights, bitsandbytes_adamw, lr_schedule, make_optimizer,
@@ -275,25 +275,6 @@ def cache(config: TrainConfig, intake: Intake, model: Model) -> TrainingData:
                    flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
 
 
-@dataclass
-class Training:
-    """What the loop trains and with what: the models as accelerate prepared them, the
-    optimizer, the schedules, the trainable tensors by name, and the EMA of the UNet's."""
-    unet: object
-    text_encoders: list
-    optimizer: object
-    lr_scheduler: object
-    noise_scheduler: object
-    params: list                 # every trainable parameter, for gradient clipping
-    trainable: dict              # "unet.<name>" / "text_encoder.<name>" -> parameter
-    ema: dict | None             # UNet parameter name -> its moving average (use_ema)
-    base_weights: dict | None    # the weights before training, for extract_lora
-
-    @property
-    def ema_names(self) -> list[str]:
-        return [n for n in self.trainable if n.startswith("unet.")]
-
-
 def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     """Mark what trains (every weight, or LoRA adapters), build the optimizer and schedules,
     and hand the models to accelerate."""
@@ -361,18 +342,8 @@ def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, mode
     try:
         while state.step < plan.steps:
             until = min([plan.steps] + [(state.step // n + 1) * n for n in every])
-            state = train(accelerator=model.accelerator, family=model.family,
-                          unet=training.unet, text_encoders=training.text_encoders,
-                          noise_scheduler=training.noise_scheduler,
-                          optimizer=training.optimizer, lr_scheduler=training.lr_scheduler,
-                          data=data, params=training.params, state=state, until=until,
-                          total_steps=plan.steps, config=config,
-                          prior_loss_weight=(config.prior_loss_weight if plan.class_images
-                                             else 0.0),
-                          log_every=plan.log_every,
-                          ema=list(training.ema.values()) if training.ema else None,
-                          ema_params=[training.trainable[n] for n in training.ema_names],
-                          log=log)
+            state = train(model.accelerator, model.family, training, data, state, plan, config,
+                          until, log)
             if out and config.sample_every and state.step % config.sample_every == 0 \
                     and state.step < plan.steps:
                 with model.half():
