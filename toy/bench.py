@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             changes[key] = value
     torch.set_num_threads(args.threads)
-    quiet_libraries()
+    quiet_libraries(loading=True)
     if args.base:
         report = base_report(args.n, args.seeds[0])
         print(json.dumps(report, indent=1))

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         settings[key] = type(SETTINGS[key])(value)
     torch.set_num_threads(settings["threads"])
-    quiet_libraries()
+    quiet_libraries(loading=True)
     from diffusers import AutoencoderKL
 
     work = Path(args.work)

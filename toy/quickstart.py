@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     drawn.add_argument("photos", type=Path, help="the photos it was trained on")
     drawn.add_argument("out", type=Path, help="the PNG to write")
     args = parser.parse_args(argv)
-    quiet_libraries()
+    quiet_libraries(loading=True)
     if args.command == "photos":
         print(f"photos: {write_photos(args.folder)} ({bench.INSTANCE_IMAGES} photos of the "
               f"subject, a white circle with a black core, on green, blue and yellow)")

@@ -551,6 +551,7 @@ def run_cli(args, log=print) -> dict:
         if args.held_out:
             held, skipped = read_images(args.held_out, "held_out", instance_prompt, resolution)
             require_images(held, skipped, "held_out")
+        quiet_libraries(loading=True)
         features = load_feature_models(args.dino, args.clip, _device())
         device = _device()
         probe = None

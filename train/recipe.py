@@ -179,7 +179,7 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
     """Seed, choose the precision, start accelerate and load the base model (fp32)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    quiet_libraries(config.verbose)  # again: diffusers' progress bars can be turned off only now
+    quiet_libraries(config.verbose, loading=True)  # diffusers' loading bars, before it loads
     torch.manual_seed(config.seed)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, cuda)
