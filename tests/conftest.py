@@ -20,6 +20,12 @@ def photos_zip(tmp_path) -> Path:
     return write_example_zip(tmp_path / "photos.zip", count=4, size=64)
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The same photos, made once for a whole module (for module-scoped fixtures that train)."""
+    return write_example_zip(tmp_path_factory.mktemp("photos") / "photos.zip", count=4, size=64)
+
+
 @pytest.fixture
 def venv_env():
     """Environment for subprocesses: this interpreter's venv first on PATH, repo importable."""

@@ -15,12 +15,15 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from train import families  # noqa: E402
 
 
 # Settings that make a full run take seconds on the tiny model.
@@ -69,3 +72,32 @@ def train_tiny(tmp_path, photos_zip, name="run", **overrides):
 
 def unet_weights(folder) -> dict:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def same_weights(a, b) -> bool:
+    """Whether two modules (or two state dicts) hold exactly the same tensors."""
+    a, b = (x if isinstance(x, dict) else x.state_dict() for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_close(a, b, tol: float = 1e-5) -> None:
+    """Two tensors, or two sequences of tensors, equal within `tol` (relative and absolute)."""
+    if isinstance(a, torch.Tensor):
+        a, b = [a], [b]
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def probe(pipe, prompt: str = "a photo of sks ball"):
+    """What a pipeline's trainable parts compute on fixed inputs, for any family: (text states,
+    pooled embedding or None, UNet output) for `prompt` padded to 77 tokens, a fixed noisy
+    latent at timestep 500 and (SDXL) fixed time ids."""
+    family = families.get(families.of(pipe))
+    ids = [tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+           for tokenizer in families.tokenizers(pipe)]
+    states, pooled = family.encode_text(families.text_encoders(pipe), ids)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    time_ids = torch.tensor([[48.0, 64, 0, 8, 64, 64]]) if family.TIME_IDS else None
+    out = family.denoise(pipe.unet, latent, torch.tensor([500]), states, pooled, time_ids)
+    return states, pooled, out

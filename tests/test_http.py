@@ -235,13 +235,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    from train.example_data import write_example_zip
-
-    return write_example_zip(tmp_path_factory.mktemp("photos") / "photos.zip", count=4, size=64)
-
-
-@pytest.fixture(scope="module")
 def loopback(tmp_path_factory):
     server = Loopback(tmp_path_factory.mktemp("loopback"))
     yield server

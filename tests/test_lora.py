@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 
 from train.lora import (TEXT_TARGETS, UNET_RESNET_TARGETS, UNET_TARGETS, add_lora, apply_kohya,
                         extract_lora, extraction_error, merge_lora, save_kohya, save_lora)
+from helpers import assert_close, probe
 from train.models import build_builtin
 
+PROMPT = "a photo of sks dog"
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank: a loader that drops alpha gives a 2x too strong LoRA
 
 
@@ -29,25 +31,11 @@ def base_pipe():
 
 @pytest.fixture(scope="module")
 def base_probe(base_pipe):
-    return probe(base_pipe)
+    return probe(base_pipe, PROMPT)
 
 
 def fresh(base_pipe):
     return copy.deepcopy(base_pipe)
-
-
-def probe(pipe):
-    """Text-encoder states and UNet output for a fixed prompt, noisy latent and timestep."""
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        states = pipe.text_encoder(ids)[0]
-        return states, pipe.unet(latent, torch.tensor([500]), states).sample
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def differs(a, b):
@@ -71,11 +59,11 @@ def trained(base_pipe, tmp_path_factory):
         optimizer.zero_grad()
     folder = tmp_path_factory.mktemp("lora")
     files = save_lora(pipe, folder, torch.float32)
-    return pipe, params, probe(pipe), files
+    return pipe, params, probe(pipe, PROMPT), files
 
 
 def test_add_lora_trains_only_the_adapters(base_pipe, base_probe, trained):
-    pipe, params, (states, out), _ = trained
+    pipe, params, (states, _, out), _ = trained
     named = [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
     trainable = {n for n, p in named if p.requires_grad}
     assert len(trainable) == len(params) and all(".lora_" in n for n in trainable)
@@ -88,36 +76,36 @@ def test_add_lora_trains_only_the_adapters(base_pipe, base_probe, trained):
         if "lora_" not in name:
             assert torch.equal(value, base_weights[name.replace(".base_layer", "")]), name
     differs(states, base_probe[0])
-    differs(out, base_probe[1])
+    differs(out, base_probe[2])
 
 
 def test_diffusers_layout_reloads_with_load_lora_weights(base_pipe, trained):
-    _, _, (states, out), files = trained
+    _, _, (states, _, out), files = trained
     pipe = fresh(base_pipe)
     pipe.load_lora_weights(files["diffusers"].parent)
-    got_states, got_out = probe(pipe)
-    close(got_states, states)
-    close(got_out, out)
+    got_states, _, got_out = probe(pipe, PROMPT)
+    assert_close(got_states, states)
+    assert_close(got_out, out)
     merge_lora(pipe)  # loaded adapters (named default_0 by diffusers) merge as well
     assert not any("lora" in k for k in pipe.unet.state_dict())
-    close(probe(pipe)[1], out)
+    assert_close(probe(pipe, PROMPT)[2], out)
 
 
 def test_kohya_layout_loads_in_diffusers_and_by_hand(base_pipe, trained):
-    _, _, (states, out), files = trained
+    _, _, (states, _, out), files = trained
     pipe = fresh(base_pipe)
     pipe.load_lora_weights(files["kohya"].parent, weight_name=files["kohya"].name)
-    got_states, got_out = probe(pipe)
-    close(got_states, states)
-    close(got_out, out)
+    got_states, _, got_out = probe(pipe, PROMPT)
+    assert_close(got_states, states)
+    assert_close(got_out, out)
     # As AUTOMATIC1111 and ComfyUI apply it: W += alpha/r · up @ down, no diffusers involved.
     pipe = fresh(base_pipe)
     lora = load_file(files["kohya"])
     assert apply_kohya(pipe.unet, lora, "unet") == 16 * 12  # 16 transformer blocks
     assert apply_kohya(pipe.text_encoder, lora, "text_encoder") == 2 * 6  # 2 CLIP layers
-    got_states, got_out = probe(pipe)
-    close(got_states, states)
-    close(got_out, out)
+    got_states, _, got_out = probe(pipe, PROMPT)
+    assert_close(got_states, states)
+    assert_close(got_out, out)
 
 
 def test_kohya_file_follows_the_webui_layout(base_pipe, trained, tmp_path):
@@ -161,17 +149,17 @@ def test_merge_lora_leaves_plain_modules_with_the_same_outputs(base_pipe, base_p
     with torch.no_grad():
         for p in params:  # lora_B starts at zero: give the adapters an effect
             p.normal_(0, 0.05)
-    states, out = probe(pipe)
+    states, _, out = probe(pipe, PROMPT)
     merge_lora(pipe)
     for model in (pipe.unet, pipe.text_encoder):
         assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
         assert not hasattr(model, "peft_config")
     assert pipe.unet.state_dict().keys() == base_pipe.unet.state_dict().keys()
     assert pipe.text_encoder.state_dict().keys() == base_pipe.text_encoder.state_dict().keys()
-    got_states, got_out = probe(pipe)
-    close(got_states, states)
-    close(got_out, out)
-    differs(got_out, base_probe[1])
+    got_states, _, got_out = probe(pipe, PROMPT)
+    assert_close(got_states, states)
+    assert_close(got_out, out)
+    differs(got_out, base_probe[2])
 
 
 def test_extract_lora_recovers_a_low_rank_fine_tune(base_pipe, tmp_path):
@@ -204,11 +192,11 @@ def test_extract_lora_recovers_a_low_rank_fine_tune(base_pipe, tmp_path):
     approx_weights = approx.unet.state_dict()
     for name, want in tuned.unet.state_dict().items():
         torch.testing.assert_close(approx_weights[name], want, rtol=0, atol=1e-5, msg=name)
-    states, out = probe(tuned)
+    states, _, out = probe(tuned, PROMPT)
     path = save_kohya(lora, tmp_path / "extracted.safetensors", torch.float32, "sd_v1", 2, 2)
     loaded = fresh(base_pipe)
     loaded.load_lora_weights(tmp_path, weight_name=path.name)
-    got_states, got_out = probe(loaded)
+    got_states, _, got_out = probe(loaded, PROMPT)
     torch.testing.assert_close(got_states, states, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_out, out, rtol=1e-4, atol=1e-4)
 
@@ -291,4 +279,4 @@ def test_sdxl_pipeline_gets_both_layouts(base_pipe, tmp_path):
         loaded = copy.deepcopy(reload)
         loaded.load_lora_weights(**source)
         for got, expected in zip(outputs(loaded), want):
-            close(got, expected)
+            assert_close(got, expected)

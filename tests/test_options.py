@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from helpers import FAST, train_tiny, unet_weights
+from helpers import FAST, same_weights, train_tiny, unet_weights
 from train.loop import draw_noise, min_snr_weights
 from train.models import build_builtin
 
@@ -17,10 +17,6 @@ EXACT = dict(FAST, save_precision="fp32", train_text_encoder=True)
 def text_weights(folder) -> dict:
     return {k.removeprefix("text_model."): v for k, v in
             load_file(folder / "text_encoder" / "model.safetensors").items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def distance(a: dict, b: dict) -> float:
@@ -62,7 +58,7 @@ def test_min_snr_weights_cap_the_easy_timesteps():
 def test_noise_options_change_the_training(tmp_path, photos_zip, option):
     plain, _ = train_tiny(tmp_path, photos_zip, "plain", **EXACT)
     changed, _ = train_tiny(tmp_path, photos_zip, "changed", **EXACT, **option)
-    assert not same(unet_weights(plain), unet_weights(changed))
+    assert not same_weights(unet_weights(plain), unet_weights(changed))
 
 
 def test_ema_exports_the_average_which_lags_the_last_step(tmp_path, photos_zip, base):
@@ -71,17 +67,17 @@ def test_ema_exports_the_average_which_lags_the_last_step(tmp_path, photos_zip, 
     ema, _ = train_tiny(tmp_path, photos_zip, "ema", use_ema=True, **settings)
     start = base[0]
     raw_w, ema_w = unet_weights(raw), unet_weights(ema)
-    assert not same(raw_w, ema_w)
+    assert not same_weights(raw_w, ema_w)
     assert 0 < distance(ema_w, start) < distance(raw_w, start)
-    assert same(text_weights(raw), text_weights(ema))  # only the UNet is averaged
+    assert same_weights(text_weights(raw), text_weights(ema))  # only the UNet is averaged
 
 
 def test_text_encoder_lr_sets_the_text_encoders_rate(tmp_path, photos_zip, base):
     frozen, _ = train_tiny(tmp_path, photos_zip, "zero", text_encoder_lr=0.0, **EXACT)
-    assert same(text_weights(frozen), base[1])  # a rate of 0 leaves it as it was
+    assert same_weights(text_weights(frozen), base[1])  # a rate of 0 leaves it as it was
     normal, _ = train_tiny(tmp_path, photos_zip, "normal", **EXACT)
-    assert not same(text_weights(normal), base[1])
-    assert not same(unet_weights(frozen), base[0])  # the UNet trained at its own rate
+    assert not same_weights(text_weights(normal), base[1])
+    assert not same_weights(unet_weights(frozen), base[0])  # the UNet trained at its own rate
 
 
 def test_text_encoder_stops_training_at_text_encoder_steps(tmp_path, photos_zip, base):
@@ -89,6 +85,6 @@ def test_text_encoder_stops_training_at_text_encoder_steps(tmp_path, photos_zip,
     stopped, _ = train_tiny(tmp_path, photos_zip, "stopped", text_encoder_steps=2,
                             **dict(EXACT, max_train_steps=4))
     # With a constant rate, the first two steps are those of the 2-step run; then it froze.
-    assert same(text_weights(stopped), text_weights(short))
-    assert not same(text_weights(short), base[1])
-    assert not same(unet_weights(stopped), unet_weights(short))  # the UNet kept training
+    assert same_weights(text_weights(stopped), text_weights(short))
+    assert not same_weights(text_weights(short), base[1])
+    assert not same_weights(unet_weights(stopped), unet_weights(short))  # the UNet kept training

@@ -19,11 +19,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import FAST, train_tiny
+from helpers import FAST, assert_close, probe, same_weights, train_tiny
 from train.data import image_tensor, prepare, time_ids
 from train.families import sdxl
 from train.families.sdxl import encode_text
-from train.example_data import write_example_zip
 from train.intake import Example
 from train.lora import apply_kohya
 from train.models import build_builtin
@@ -35,11 +34,6 @@ PARTS = ("unet", "text_encoder", "text_encoder_2")
 @pytest.fixture(scope="module")
 def base():
     return build_builtin("tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_example_zip(tmp_path_factory.mktemp("photos") / "photos.zip", count=4, size=64)
 
 
 @pytest.fixture(scope="module")
@@ -59,30 +53,6 @@ def load(folder):
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def same(a, b) -> bool:
-    """Whether two modules hold exactly the same weights."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@torch.no_grad()
-def probe(pipe):
-    """Text states, pooled embedding and UNet output for a fixed prompt, noisy latent, timestep
-    and time ids."""
-    ids = [tok(["a photo of sks ball"], padding="max_length", max_length=77,
-               return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
-    states, pooled = encode_text([pipe.text_encoder, pipe.text_encoder_2], ids)
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    added = {"text_embeds": pooled, "time_ids": torch.tensor([[48.0, 64, 0, 8, 64, 64]])}
-    out = pipe.unet(latent, torch.tensor([500]), states, added_cond_kwargs=added).sample
-    return states, pooled, out
-
-
-def close(a, b, tol=1e-5):
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
 def test_time_ids_name_the_crop_of_each_view():
@@ -123,18 +93,18 @@ def test_cached_text_conditioning_is_the_pipelines(base):
         # What StableDiffusionXLPipeline conditions its UNet on, at the full 77 tokens.
         states, _, pooled, _ = base.encode_prompt(caption, device="cpu",
                                                   do_classifier_free_guidance=False)
-        close((data.prompt_emb[p:p + 1], data.prompt_pooled[p:p + 1]), (states, pooled))
+        assert_close((data.prompt_emb[p:p + 1], data.prompt_pooled[p:p + 1]), (states, pooled))
         # pad_tokens=false slices to the prompt's length: the live encoders agree (causal
         # attention), and the pooled embedding, read at the end token, is the same vector.
         n = int(data.prompt_len[p])
         live = encode_text(encoders, [ids[p:p + 1, :n] for ids in data.prompt_ids])
-        close(live, (states[:, :n], pooled))
+        assert_close(live, (states[:, :n], pooled))
 
 
 def test_full_fine_tune_trains_the_unet_and_both_text_encoders(full, base):
     trained = load(full)
     for part in PARTS:
-        assert not same(getattr(trained, part), getattr(base, part)), part
+        assert not same_weights(getattr(trained, part), getattr(base, part)), part
     history = json.loads((full / "training.json").read_text())["history"]
     assert len(history) == 4 and all(h["loss"] is not None for h in history)
     # It reloads as an SDXL pipeline that draws at the trained size; the sample was drawn too.
@@ -150,9 +120,9 @@ def test_full_fine_tune_trains_the_unet_and_both_text_encoders(full, base):
 def test_text_encoders_stay_as_they_were(tmp_path, photos, base, option):
     out, _ = train_tiny(tmp_path, photos, "frozen", **dict(XL, **option))
     trained = load(out)
-    assert same(trained.text_encoder, base.text_encoder)
-    assert same(trained.text_encoder_2, base.text_encoder_2)
-    assert not same(trained.unet, base.unet)
+    assert same_weights(trained.text_encoder, base.text_encoder)
+    assert same_weights(trained.text_encoder_2, base.text_encoder_2)
+    assert not same_weights(trained.unet, base.unet)
 
 
 def test_single_file_round_trips_exactly(full):
@@ -162,7 +132,7 @@ def test_single_file_round_trips_exactly(full):
         full / "model.safetensors", config=str(full), local_files_only=True)
     folder = load(full)
     for part in PARTS + ("vae",):
-        assert same(getattr(single, part), getattr(folder, part)), part
+        assert same_weights(getattr(single, part), getattr(folder, part)), part
 
 
 def test_lora_files_reload_to_the_trained_outputs(tmp_path, photos, base):
@@ -193,13 +163,13 @@ def test_lora_files_reload_to_the_trained_outputs(tmp_path, photos, base):
                         weight_name="lora.safetensors")):
         pipe = copy.deepcopy(base)
         pipe.load_lora_weights(**source)
-        close(probe(pipe), trained)
+        assert_close(probe(pipe), trained)
     # As AUTOMATIC1111 and ComfyUI apply it: W += alpha/r · up @ down, by the SGM names.
     pipe = copy.deepcopy(base)
     counts = [apply_kohya(getattr(pipe, part), kohya, part, sdxl=True) for part in PARTS]
     # 22 transformer blocks of 10 layers and 11 proj_in/proj_out pairs; 2 CLIP layers of 6.
     assert counts == [22 * 10 + 11 * 2, 2 * 6, 2 * 6] and sum(counts) == len(names)
-    close(probe(pipe), trained)
+    assert_close(probe(pipe), trained)
 
 
 def test_extracted_lora_has_sdxl_names_and_rebuilds_the_tuned_layers(full, base):
@@ -222,7 +192,7 @@ def test_extracted_lora_has_sdxl_names_and_rebuilds_the_tuned_layers(full, base)
                                trained.text_encoder_2.state_dict()[fc1], rtol=0, atol=1e-5)
     loaded = copy.deepcopy(base)
     loaded.load_lora_weights(str(full), weight_name="lora.safetensors")
-    close(probe(loaded), probe(rebuilt), tol=1e-4)
+    assert_close(probe(loaded), probe(rebuilt), tol=1e-4)
 
 
 def test_resume_is_bit_identical(tmp_path, photos):

@@ -58,3 +58,22 @@ def test_dreambooth_learns_the_subject(reduced_runs):
 def test_prior_preservation_keeps_the_class_apart_from_the_subject(reduced_runs):
     with_prior, without = reduced_runs
     assert with_prior["pres"] < without["pres"], (with_prior, without)
+
+
+def test_the_quickstart_writes_photos_the_trainer_reads_and_draws_a_contact_sheet(tmp_path):
+    """script/quickstart's two ends around the trainer (here around the base toy model, which
+    the trainer's output replaces there): the photos, then a row per background and the class."""
+    from PIL import Image
+
+    from helpers import ROOT
+    from toy import quickstart
+    from train.intake import read_images
+
+    photos = quickstart.write_photos(tmp_path / "photos")
+    found, skipped = read_images(str(photos), "instance_data", "a photo of sks circle", 64)
+    assert len(found) == 5 and skipped == []
+    assert {ex.caption for ex in found} == {f"a photo of sks circle on a {bg} background"
+                                            for bg in ("green", "blue", "yellow")}
+    sheet = Image.open(quickstart.sheet(ROOT / "toy" / "model", photos, tmp_path / "sheet.png"))
+    rows = 1 + 4 + 1  # the photos; green, blue, yellow and red; the plain class
+    assert sheet.size == (4 + quickstart.PER_ROW * (96 + 4), 4 + rows * (16 + 96 + 4))
