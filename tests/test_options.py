@@ -8,7 +8,8 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from helpers import FAST, same_weights, train_tiny, unet_weights
-from train.loop import draw_noise, min_snr_weights
+from train.families.ddpm import min_snr_weights
+from train.loop import draw_noise
 from train.models import build_builtin
 
 EXACT = dict(FAST, save_precision="fp32", train_text_encoder=True)

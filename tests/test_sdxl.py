@@ -166,7 +166,7 @@ def test_lora_files_reload_to_the_trained_outputs(tmp_path, photos, base):
         assert_close(probe(pipe), trained)
     # As AUTOMATIC1111 and ComfyUI apply it: W += alpha/r · up @ down, by the SGM names.
     pipe = copy.deepcopy(base)
-    counts = [apply_kohya(getattr(pipe, part), kohya, part, sdxl=True) for part in PARTS]
+    counts = [apply_kohya(getattr(pipe, part), kohya, part, family="sdxl") for part in PARTS]
     # 22 transformer blocks of 10 layers and 11 proj_in/proj_out pairs; 2 CLIP layers of 6.
     assert counts == [22 * 10 + 11 * 2, 2 * 6, 2 * 6] and sum(counts) == len(names)
     assert_close(probe(pipe), trained)
@@ -183,7 +183,7 @@ def test_extracted_lora_has_sdxl_names_and_rebuilds_the_tuned_layers(full, base)
     trained = load(full)
     rebuilt = copy.deepcopy(base)
     for part in PARTS:
-        apply_kohya(getattr(rebuilt, part), lora, part, sdxl=True)
+        apply_kohya(getattr(rebuilt, part), lora, part, family="sdxl")
     to_q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     torch.testing.assert_close(rebuilt.unet.state_dict()[to_q], trained.unet.state_dict()[to_q],
                                rtol=0, atol=1e-5)

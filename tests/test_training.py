@@ -15,7 +15,8 @@ from helpers import (FAST, image_bytes, make_zip, read_training_json, train_tiny
 from train import TrainConfig, run
 from train.data import encode_images, tokenize
 from train.intake import read_images
-from train.loop import dreambooth_loss, noise_target
+from train.families.ddpm import noise_target
+from train.loop import dreambooth_loss
 from train.models import build_builtin
 
 

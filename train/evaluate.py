@@ -383,8 +383,9 @@ def denoising_proxies(pipe, probe: dict) -> dict:
     """The fidelity and drift proxies of `pipe` (the trained model) on a probe's inputs (see
     DEFINITIONS): for each, the trained and base model's denoising errors and their ratio;
     for drift also the change of the predictions themselves."""
-    from .loop import noise_target
+    from . import families
 
+    noise_target = families.get(families.of(pipe)).noise_target
     scheduler = _noise_scheduler(pipe)
     out = {"timesteps": probe["timesteps"]}
     for name in ("fidelity", "drift"):

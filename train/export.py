@@ -129,8 +129,7 @@ def export_formats(pipe, config, out: Path, base_weights: dict | None) -> list[s
                 targets = (lora.UNET_TARGETS + lora.UNET_RESNET_TARGETS if kind == "unet"
                            else None)
                 extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind,
-                                               targets=targets,
-                                               sdxl=families.of(pipe) == "sdxl")
+                                               targets=targets, family=families.of(pipe))
             lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
                             rank, rank, v_prediction=pipe.scheduler.config.get(
                                 "prediction_type") == "v_prediction")

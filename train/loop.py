@@ -1,7 +1,7 @@
 """The DreamBooth training loop: instance and class images in one batch, the loss split in two.
 
 Each step draws `train_batch_size` instance latents and as many class latents, noises them at
-random timesteps, and asks the UNet for the noise (or v); the loss is
+random timesteps, and asks the UNet for the noise (or v: the family's objective); the loss is
 
     MSE(instance half) + prior_loss_weight * MSE(class half)
 
@@ -58,27 +58,6 @@ def dreambooth_loss(inst_pred, inst_target, cls_pred, cls_target, prior_loss_wei
         return instance, instance, torch.zeros_like(instance)
     prior = per_row[1].mean()
     return instance + prior_loss_weight * prior, instance, prior
-
-
-def noise_target(scheduler, latents, noise, timesteps):
-    """What the UNet learns to predict, following the scheduler's prediction_type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for an epsilon
-    target, min(SNR, gamma) / (SNR + 1) for v, where SNR = alpha_bar / (1 - alpha_bar)."""
-    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
 
 
 def draw_noise(shape, generator: torch.Generator, offset: float) -> torch.Tensor:
@@ -166,14 +145,13 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 # and in every process, for the whole global batch.
                 sample_noise = torch.randn(group.mean.shape, generator=generator)
                 noise = draw_noise(group.mean.shape, generator, config.offset_noise)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                          (len(group.mean),), generator=generator)
+                timesteps = family.draw_timesteps(scheduler, len(group.mean), generator)
                 mean, std, sample_noise, noise, timesteps = (
                     t[group.mine].to(device)
                     for t in (group.mean, group.std, sample_noise, noise, timesteps))
                 latents = mean + std * sample_noise
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                targets.append(noise_target(scheduler, latents, noise, timesteps))
+                noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
+                targets.append(target)
                 part = slice(done, done + len(group.mine))
                 done += len(group.mine)
                 time_ids = group.time_ids[group.mine].to(device) if family.TIME_IDS else None
@@ -183,7 +161,7 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
             if len(batch.groups) == 1:  # the first n_instance local rows are instance images
                 n = batch.n_instance
                 preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
-            weights = (min_snr_weights(scheduler, torch.cat(all_t), config.snr_gamma)
+            weights = (family.min_snr_weights(scheduler, torch.cat(all_t), config.snr_gamma)
                        if config.snr_gamma > 0 else None)
             loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], preds[1],
                                                         targets[1], prior_loss_weight, weights)

@@ -23,7 +23,7 @@ From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
     lora = extract_lora(base, pipe.unet, rank=32, kind="unet")
     lora |= extract_lora(base_te, pipe.text_encoder, rank=32, kind="text_encoder")
     save_kohya(lora, path, torch.float16, base_model_version="sd_v1", rank=32, alpha=32)
-    (SDXL: pass sdxl=True to extract_lora, for kohya's SDXL names; see kohya_names)
+    (SDXL: pass family="sdxl" to extract_lora, for kohya's SDXL names; see kohya_names)
     extraction_error(base, pipe.unet, lora, "unet", noisy, timesteps, states)  # 0 = exact
 
 Targets (UNET_TARGETS, TEXT_TARGETS) are those of kohya's sd-scripts LoRA, the one A1111 and
@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families
 from .single_file import unet_table
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
@@ -58,11 +59,6 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
                        "downsamplers.0.conv", "upsamplers.0.conv")
 TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
-# kohya's name prefix for each part: SD 1.x/2.x have one text encoder; SDXL's are te1 (CLIP-L)
-# and te2 (OpenCLIP bigG).
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_",
-                       "text_encoder_2": "lora_te2_"}
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "init_lora_weights", "rank_pattern",
                     "alpha_pattern")
 ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
@@ -124,12 +120,10 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
     written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
 
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    family = families.of(pipe)
     lora = {}
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            lora |= kohya_state_dict(model, name, sdxl)
+    for name in ("unet", *families.text_names(pipe)):
+        lora |= kohya_state_dict(getattr(pipe, name), name, family)
     config = pipe.unet.peft_config[ADAPTER]
     save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe),
                config.r, config.lora_alpha,
@@ -140,12 +134,11 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
 
 def kohya_version(pipe) -> str:
     """kohya's ss_base_model_version for a pipeline: sd_v1, sd_v2 or sdxl_base_v1-0."""
-    from . import families
+    kind = families.of(pipe)
+    return families.get(kind).KOHYA["versions"][kind]
 
-    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[families.of(pipe)]
 
-
-def kohya_names(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, str]:
+def kohya_names(model: nn.Module, kind: str, family: str = "sd1") -> dict[str, str]:
     """kohya's LoRA name for the modules of a UNet (`kind="unet"`) or a CLIP text encoder
     (`"text_encoder"`, SDXL's `"text_encoder_2"`), by module path:
 
@@ -158,13 +151,15 @@ def kohya_names(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, st
                   lora_te1_text_model_encoder_layers_0_… (CLIP-L), lora_te2_text_model_… (bigG)
 
     transformers 5's CLIPTextModel dropped `text_model.`; the kohya names keep it. The UNet's
-    containers above the SGM blocks (`down_blocks`, `down_blocks.1`, …) have no SDXL name."""
-    prefix = (SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES)[kind]
+    containers above the SGM blocks (`down_blocks`, `down_blocks.1`, …) have no SDXL name.
+    `family` ("sd1", "sd2", "sdxl") chooses the naming (train/families: KOHYA)."""
+    naming = families.get(family).KOHYA
+    prefix = naming["prefixes"][kind]
     paths = [name for name, _ in model.named_modules()]
     if kind != "unet":
         return {name: prefix + "text_model_" + name.removeprefix("text_model.").replace(".", "_")
                 for name in paths}
-    if not sdxl:
+    if not naming["original_unet_paths"]:
         return {name: prefix + name.replace(".", "_") for name in paths}
     table = unet_table(model.config)
     sgm = {name: sgm_path(name, table) for name in paths}
@@ -184,13 +179,14 @@ def sgm_path(module_name: str, table: list) -> str | None:
     return (dst + (inner[name] + rest[len(name):] if name else rest)).rstrip(".")
 
 
-def kohya_state_dict(model: nn.Module, kind: str, sdxl: bool = False) -> dict[str, torch.Tensor]:
+def kohya_state_dict(model: nn.Module, kind: str,
+                     family: str = "sd1") -> dict[str, torch.Tensor]:
     """The model's peft LoRA adapters in kohya layout (names: kohya_names): per module
     `.lora_down.weight` [r, in] (a conv's [r, in, kh, kw]), `.lora_up.weight` [out, r]
     ([out, r, 1, 1]), `.alpha` (0-d)."""
     from peft.tuners.lora import LoraLayer
 
-    names = kohya_names(model, kind, sdxl)
+    names = kohya_names(model, kind, family)
     out = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
@@ -224,7 +220,7 @@ def save_kohya(lora: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
 @torch.no_grad()
 def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
                  targets: tuple[str, ...] | None = None,
-                 sdxl: bool = False) -> dict[str, torch.Tensor]:
+                 family: str = "sd1") -> dict[str, torch.Tensor]:
     """A kohya-layout LoRA of `rank` from a full fine-tune: per covered Linear/Conv2d, the
     truncated SVD of (tuned weight - base[name + ".weight"]); convs (1x1 and 3x3) are flattened
     to [out, in·kh·kw]. Modules whose difference is exactly zero are skipped; a rank above
@@ -232,14 +228,14 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
     fp32 on the module's device; the returned tensors are fp32 there (save_kohya casts).
 
     Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
-    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `sdxl` name
-    the modules as kohya_names does (an SDXL pipeline's parts: sdxl=True). Pass
+    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `family` name
+    the modules as kohya_names does (an SDXL pipeline's parts: family="sdxl"). Pass
     `targets=UNET_TARGETS + UNET_RESNET_TARGETS` to also cover the resnets (kohya's LoCon).
     diffusers' kohya reader (0.42) tells old from new text-encoder layouts by the presence of
     out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
     there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
     targets = TARGETS[kind] if targets is None else targets
-    names = kohya_names(tuned, kind, sdxl)
+    names = kohya_names(tuned, kind, family)
     out = {}
     for name, module in tuned.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or not _matches(name, targets):
@@ -266,11 +262,11 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
 
 @torch.no_grad()
 def apply_kohya(model: nn.Module, lora: dict[str, torch.Tensor], kind: str,
-                sdxl: bool = False) -> int:
+                family: str = "sd1") -> int:
     """Add a kohya-layout LoRA's alpha/r · up @ down to a plain model's weights in place, as
     A1111 and ComfyUI do. Returns the number of modules changed; a LoRA key that matches no
     module of `model` (of this `kind`, named as kohya_names does) is an error."""
-    names = kohya_names(model, kind, sdxl)
+    names = kohya_names(model, kind, family)
     done = set()
     for name, module in model.named_modules():
         key = names.get(name)
@@ -281,7 +277,7 @@ def apply_kohya(model: nn.Module, lora: dict[str, torch.Tensor], kind: str,
         delta = scale * (up.flatten(1).float() @ down.flatten(1).float())
         module.weight += delta.reshape(module.weight.shape).to(module.weight)
         done.add(key)
-    prefix = (SDXL_KOHYA_PREFIXES if sdxl else KOHYA_PREFIXES)[kind]
+    prefix = families.get(family).KOHYA["prefixes"][kind]
     missing = {k.split(".")[0] for k in lora if k.startswith(prefix)} - done
     if missing:
         raise KeyError(f"{len(missing)} LoRA modules match nothing in the model, "

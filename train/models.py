@@ -34,7 +34,7 @@ import torch
 
 from . import families
 from .errors import UserError
-from .families import FAMILY_NAMES, PIPELINES
+from .families import BUILTINS, FAMILY_NAMES, PIPELINES
 
 TOKENIZER_WORDS = (
     "a an the photo picture image of in on at with and wearing sks zwx ohwx person man woman "
@@ -52,14 +52,12 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
 
     model = str(SHIPPED.get(model, model))
     kind = check_model(model, config_folder)
-    if model in BUILTIN:
+    if model in BUILTINS:
         pipe = build_builtin(model, device)
     else:
-        cls = getattr(diffusers, families.get(kind).PIPELINE)
-        options = dict(dtype=torch.float32, local_files_only=True)
-        if kind != "sdxl":  # SDXL has no safety checker; naming one there only draws a warning
-            options.update(safety_checker=None, feature_extractor=None,
-                           requires_safety_checker=False)
+        family = families.get(kind)
+        cls = getattr(diffusers, family.PIPELINE)
+        options = dict(dtype=torch.float32, local_files_only=True, **family.LOAD_OPTIONS)
         if Path(model).is_dir():
             pipe = cls.from_pretrained(model, **options)
         else:
@@ -86,14 +84,14 @@ def check_model(model: str, config_folder: str | None = None) -> str:
     """Refuse a model that cannot load, in milliseconds and before any weights are read; return
     its family ("sd1", "sd2" or "sdxl"). A single file is recognised by its key names alone."""
     model = str(SHIPPED.get(model, model))
-    if model in BUILTIN:
-        return BUILTIN[model][0]
+    if model in BUILTINS:
+        return BUILTINS[model][0]
     path = Path(model)
     if not path.exists():
         raise UserError(
             f"model {model!r} not found: run script/download-weights to fetch Stable "
             f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
-            f"or a built-in name ({', '.join([*BUILTIN, *SHIPPED])})")
+            f"or a built-in name ({', '.join([*BUILTINS, *SHIPPED])})")
     if path.is_dir():
         return _folder_family(path, "model")
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -166,13 +164,13 @@ def _file_family(path: Path) -> str:
 
 
 def build_builtin(name: str, device: torch.device | str = "cpu"):
-    """Build a built-in model (see BUILTIN) in code, with weights fixed by seed 0."""
+    """Build a built-in model (see families.BUILTINS) in code, with weights fixed by seed 0."""
     import diffusers
-    from diffusers import (AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    kind, unet_cfg, vae_cfg, *text_cfgs = BUILTIN[name]
+    kind, unet_cfg, vae_cfg, *text_cfgs = BUILTINS[name]
+    family = families.get(kind)
     # OpenCLIP's tokenizer (SD 2.x, SDXL's second) pads with "!", CLIP-L's with its end token.
     tokenizers = [build_tokenizer("!" if cfg["hidden_act"] == "gelu" else "<|endoftext|>")
                   for cfg in text_cfgs]
@@ -186,16 +184,9 @@ def build_builtin(name: str, device: torch.device | str = "cpu"):
         # SDXL's second encoder is the one with a projection (its pooled output conditions too).
         encoders = [cls(CLIPTextConfig(**cfg)) for cls, cfg in
                     zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs)]
-    scheduler_class, scheduler_cfg = SCHEDULERS[kind]
+    scheduler_class, scheduler_cfg = family.SCHEDULERS[kind]
     scheduler = getattr(diffusers, scheduler_class)(**scheduler_cfg)
-    if kind == "sdxl":
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-            tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    return family.assemble(vae, unet, encoders, tokenizers, scheduler)
 
 
 def build_tokenizer(pad_token: str = "<|endoftext|>", words=TOKENIZER_WORDS):
@@ -225,74 +216,3 @@ def _byte_alphabet() -> list[str]:
                  *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return [chr(b if b in printable else next(extra)) for b in range(256)]
-
-
-# (UNet, VAE, CLIP text) configs. `tiny` keeps SD 1.5's four down and four up blocks and two
-# layers per block so that exporters keyed on that layout can be tested on it. `tiny-sd2` and
-# `tiny-sdxl` keep their real model's structure (blocks, heads per block, projections,
-# conditioning) at widths of 32-64, and its default image size (768 px, 1024 px).
-TINY_VAE = dict(sample_size=128, in_channels=3, out_channels=3, latent_channels=4,
-                layers_per_block=2, block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
-                scaling_factor=0.18215, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu")
-SD15_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-TINY = (
-    dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-         block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-         attention_head_dim=4, **SD15_BLOCKS),
-    TINY_VAE,
-    TINY_CLIP,
-)
-# SD 2.x: `attention_head_dim` is really the number of heads in diffusers (SD 2: 5, 10, 20, 20
-# heads of 64 channels); here heads of 16 channels. SD 2.1 upcasts attention to fp32.
-TINY_SD2 = (
-    dict(TINY[0], sample_size=96, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
-         upcast_attention=True),
-    dict(TINY_VAE, sample_size=768),
-    dict(TINY_CLIP, hidden_act="gelu"),
-)
-# SDXL: a level without attention, then two with 2 transformer layers (real: 2 and 10); the UNet
-# attends to both encoders' hidden states side by side (32 + 64) and is conditioned on the second
-# encoder's pooled projection (32) plus six size/crop numbers of 8 Fourier features each.
-TINY_SDXL = (
-    dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-         block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=96,
-         transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4),
-         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-         projection_class_embeddings_input_dim=32 + 6 * 8,
-         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
-    dict(TINY_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-    TINY_CLIP,
-    # Wider than the first encoder, as bigG (1280) is than CLIP-L (768): diffusers' single-file
-    # loader tells SDXL's two encoders apart by their widths.
-    dict(TINY_CLIP, hidden_size=64, intermediate_size=128, hidden_act="gelu"),
-)
-SD15 = (
-    dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-         block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32, cross_attention_dim=768,
-         attention_head_dim=8, **SD15_BLOCKS),
-    dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-         block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
-         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-    dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-         hidden_act="quick_gelu"),
-)
-BUILTIN = {"tiny": ("sd1", *TINY), "tiny-sd2": ("sd2", *TINY_SD2),
-           "tiny-sdxl": ("sdxl", *TINY_SDXL), "random-sd15": ("sd1", *SD15)}
-# Each family's scheduler as its reference model ships it (SD 1.5, SD 2.1-768, SDXL base).
-# Training builds DDPM from the same config, so the betas and prediction type carry over.
-SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     num_train_timesteps=1000, steps_offset=1)
-SCHEDULERS = {
-    "sd1": ("PNDMScheduler", dict(SCALED_LINEAR, skip_prk_steps=True, set_alpha_to_one=False)),
-    "sd2": ("DDIMScheduler", dict(SCALED_LINEAR, clip_sample=False, set_alpha_to_one=False,
-                                  prediction_type="v_prediction")),
-    "sdxl": ("EulerDiscreteScheduler", dict(SCALED_LINEAR, interpolation_type="linear",
-                                            prediction_type="epsilon", timestep_spacing="leading",
-                                            use_karras_sigmas=False)),
-}

@@ -151,13 +151,11 @@ def open_clip_state_dict(text_encoder) -> dict:
     return rename(state, open_clip_table(text_encoder.config), "text encoder")
 
 
-# Per family: (pipeline attribute, prefix in the file, conversion) for each text encoder.
-TEXT_ENCODERS = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", clip_state_dict)],
-    "sd2": [("text_encoder", "cond_stage_model.model.", open_clip_state_dict)],
-    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", clip_state_dict),
-             ("text_encoder_2", "conditioner.embedders.1.model.", open_clip_state_dict)],
-}
+# Per family: (pipeline attribute, prefix in the file, conversion) for each text encoder; the
+# families say where (train/families: SINGLE_FILE_TEXT), this module how.
+CONVERSIONS = {"clip": clip_state_dict, "open_clip": open_clip_state_dict}
+TEXT_ENCODERS = {kind: [(attr, prefix, CONVERSIONS[layout]) for attr, prefix, layout in rows]
+                 for kind, rows in families.SINGLE_FILE_TEXT.items()}
 
 
 def single_file_state_dict(pipe) -> dict[str, torch.Tensor]:

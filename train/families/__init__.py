@@ -16,13 +16,22 @@ What a family module provides (see sd.py, the smallest):
                      the denoiser's text conditioning from token ids (one tensor per encoder)
     denoise(unet, noisy, timesteps, states, pooled, time_ids) -> the denoiser's prediction
                      the one denoiser call, with whatever extra conditioning the family takes
+    draw_timesteps(scheduler, n, generator), noisy_and_target(scheduler, latents, noise, t),
+    noise_target(...), min_snr_weights(scheduler, t, gamma)
+                     the training objective (ddpm.py: SD's and SDXL's)
     TIME_IDS         whether the denoiser takes each image's size and crop (time_ids)
     UNUSED_TEXT_PARAMETERS  whether a trained text encoder has parameters that get no gradient
                      (DDP must be told to expect them)
+    LOAD_OPTIONS     options for loading its pipelines (from_pretrained, from_single_file)
+    BUILTINS         built-in models: name -> (kind, UNet config, VAE config, text configs...)
+    SCHEDULERS       kind -> (diffusers scheduler class, config) as its reference model ships it
+    assemble(vae, unet, text_encoders, tokenizers, scheduler) -> a built-in's pipeline
+    SINGLE_FILE_TEXT kind -> the text encoders' places in a single-file checkpoint
+    KOHYA            kohya's LoRA naming: model version per kind, name prefix per part, and
+                     whether UNet names follow diffusers' module paths or the original's
 
-Still kept per family elsewhere, as tables keyed by the family name: the built-in models and
-schedulers (models.py), the single-file key layout (single_file.py) and the kohya LoRA names
-(lora.py). Adding a family means a module here, an entry in FAMILIES, and those tables.
+Adding a family means a module here and an entry in FAMILIES; single_file.py and lora.py hold
+the SD-style key conversions these tables drive.
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ from . import sd, sdxl
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 FAMILIES = {kind: module for module in (sd, sdxl) for kind in module.KINDS}
 PIPELINES = {sd.PIPELINE, sdxl.PIPELINE}
+# Built-in models by name: (family, UNet config, VAE config, text encoder config, ...).
+BUILTINS = {**sd.BUILTINS, **sdxl.BUILTINS}
+# Where each kind's text encoders sit in a single-file checkpoint (single_file.py).
+SINGLE_FILE_TEXT = {**sd.SINGLE_FILE_TEXT, **sdxl.SINGLE_FILE_TEXT}
 
 
 def get(kind: str) -> ModuleType:

@@ -8,12 +8,29 @@ from __future__ import annotations
 
 import torch
 
+# The training objective: DDPM, as every SD model was trained (re-exported for the loop).
+from .ddpm import draw_timesteps, min_snr_weights, noise_target, noisy_and_target  # noqa: F401
+
+from .sd import SCALED_LINEAR, TINY_CLIP, TINY_VAE
+
 KINDS = ("sdxl",)
 PIPELINE = "StableDiffusionXLPipeline"
+LOAD_OPTIONS: dict = {}  # SDXL has no safety checker; naming one there only draws a warning
 TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 TIME_IDS = True
 # The UNet reads the first encoder's penultimate layer: its last layer gets no gradient.
 UNUSED_TEXT_PARAMETERS = True
+# In a single-file checkpoint (SGM's layout): CLIP-L, then OpenCLIP bigG.
+SINGLE_FILE_TEXT = {
+    "sdxl": (("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
+             ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip")),
+}
+# kohya's LoRA names (lora.py): te1 (CLIP-L) and te2 (bigG); UNet names follow the original SGM
+# module paths (input_blocks.4.1...), not diffusers'.
+KOHYA = {"versions": {"sdxl": "sdxl_base_v1-0"},
+         "prefixes": {"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                      "text_encoder_2": "lora_te2_"},
+         "original_unet_paths": True}
 
 
 def encode_text(text_encoders: list, ids: list):
@@ -28,3 +45,38 @@ def denoise(unet, noisy, timesteps, states, pooled, time_ids):
     """The UNet's prediction with the pooled text embedding and each image's time ids."""
     added = {"text_embeds": pooled, "time_ids": time_ids}
     return unet(noisy, timesteps, states, added_cond_kwargs=added).sample
+
+
+def assemble(vae, unet, text_encoders: list, tokenizers: list, scheduler):
+    """The pipeline of a built-in model, from its parts."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+
+
+# SDXL: a level without attention, then two with 2 transformer layers (real: 2 and 10); the UNet
+# attends to both encoders' hidden states side by side (32 + 64) and is conditioned on the second
+# encoder's pooled projection (32) plus six size/crop numbers of 8 Fourier features each.
+TINY_SDXL = (
+    dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+         block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=96,
+         transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4),
+         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+         projection_class_embeddings_input_dim=32 + 6 * 8,
+         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    dict(TINY_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    TINY_CLIP,
+    # Wider than the first encoder, as bigG (1280) is than CLIP-L (768): diffusers' single-file
+    # loader tells SDXL's two encoders apart by their widths.
+    dict(TINY_CLIP, hidden_size=64, intermediate_size=128, hidden_act="gelu"),
+)
+BUILTINS = {"tiny-sdxl": ("sdxl", *TINY_SDXL)}
+# The scheduler as SDXL base ships it.
+SCHEDULERS = {
+    "sdxl": ("EulerDiscreteScheduler", dict(SCALED_LINEAR, interpolation_type="linear",
+                                            prediction_type="epsilon", timestep_spacing="leading",
+                                            use_karras_sigmas=False)),
+}
