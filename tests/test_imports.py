@@ -101,6 +101,32 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
+# Libraries that take seconds to import: the functions that use them import them, so that a
+# user's mistake is answered before (see train/__init__.py).
+HEAVY = {"diffusers", "transformers", "accelerate", "peft", "bitsandbytes"}
+# What `python -m train --help` imports, which must not import torch at the top.
+BEFORE_TORCH = {"train/__init__.py", "train/cli.py", "train/distributed.py"}
+
+
+def test_function_local_imports_are_only_the_deliberate_ones():
+    local = []
+    for path in PACKAGE.rglob("*.py"):
+        name = str(path.relative_to(ROOT))
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    roots = {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    roots = {"." if node.level else node.module.split(".")[0]}
+                else:
+                    continue
+                if not (roots <= HEAVY or name in BEFORE_TORCH):
+                    local.append(f"{name}:{node.lineno} imports {sorted(roots)} in a function")
+    assert local == []
+
+
 def test_the_command_line_answers_help_without_torch():
     code = ("import sys, runpy; sys.argv = ['train', '--help']\n"
             "try:\n    runpy.run_module('train', run_name='__main__')\n"

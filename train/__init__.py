@@ -3,10 +3,14 @@
     python -m train --instance-data dog.zip --instance-prompt "a photo of sks dog" \
         --class-prompt "a photo of a dog" --model tiny --output dog.tar
 
-or from Python: `train.run(train.TrainConfig(...))`. Modules, in the order a run uses them:
-config (settings), intake (archives to images), models (base models), sampling (class images and
-samples), data (cached latents and prompts), loop (the training loop), export (the tarball),
-recipe (all of it, top to bottom), cli (the command line).
+or from Python: `train.run(train.TrainConfig(...))`. recipe.py reads top to bottom and names the
+module each phase uses; README.md's map says what each module is.
+
+Imports: at the top of each module, but for two deliberate exceptions that tests/test_imports.py
+holds. diffusers, transformers, accelerate, peft and bitsandbytes are imported inside the
+functions that use them: they take seconds to import, and every check of the user's input
+answers before that. And what `python -m train --help` imports (this file, cli, config, errors,
+distributed) does not import torch.
 """
 
 from .config import TrainConfig

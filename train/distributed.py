@@ -10,10 +10,14 @@ before each update. Launch with torchrun (or `accelerate launch`, which runs tor
 The Cog predictor launches them itself when it sees more than one GPU (`launch`). Rank 0 alone
 logs and writes (class images, checkpoints, samples, evaluation, the tarball); the others train
 and exit. Ranks are told apart by the RANK and WORLD_SIZE variables torchrun sets.
+
+The command line imports this module before it parses its flags (errors.exit_status asks the
+rank), so torch, which takes over a second to import, is imported inside the functions here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -107,8 +111,6 @@ def launch(processes: int, argv: list[str], *, cpu: bool, log=print) -> tuple[in
 def fingerprint(trainable: dict) -> str:
     """A digest of the trained weights (each tensor's sum in float64, computed where it lives)
     that processes compare."""
-    import hashlib
-
     import torch  # here, not at the top: the command line imports this module before torch
 
     with torch.no_grad():

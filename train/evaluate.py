@@ -35,9 +35,12 @@ recipe) or from the base model loaded again (this CLI, from training.json). From
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import random
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -45,12 +48,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import families
+from .data import image_tensor, tokenize
 from .errors import UserError, exit_status
+from .intake import prompt_words, read_images, require_images
 from .metrics import (DEFAULT_CLIP, DEFAULT_DINO, FEATURE_BUILTINS, FeatureModels,
                       clip_image_features, clip_text_features, cross_similarity, diversity,
                       dino_features, load_feature_models, paired_similarity, self_similarity)
+from .models import load_pipeline
 from .prompts import SUBJECT_KINDS, subject_prompts, without_identifier
 from .quiet import quiet_libraries
+from .sampling import generate
 
 # Timesteps the proxies probe: the whole range, as training draws them, without the extremes
 # where the prediction is trivial (t near 0: almost no noise; near 1000: almost no image).
@@ -114,9 +122,6 @@ def evaluate(pipe, instance_images: list[Image.Image], instance_prompt: str,
     class prompt's images with the next seed, `seed + len(prompts)`.
     `probe` (from denoising_probe) adds the fidelity and drift proxies. Writes evaluation.json
     and contact_sheet.png into `out_folder`."""
-    from .intake import prompt_words
-    from .sampling import generate
-
     if len(instance_images) < 1:
         raise UserError("evaluation needs the real photos of the subject (instance images)")
     if n_per_prompt < 1:
@@ -356,8 +361,6 @@ def denoising_probe(pipe, instance_images: list[Image.Image], instance_prompt: s
     seeds training's class images came from). Each image is centre-cropped to `resolution`,
     encoded by the VAE (its mean: no sampling) and noised at every timestep with noise drawn
     from `seed`. Everything is kept on the CPU."""
-    from .sampling import generate
-
     if class_prompt and class_images is None and n_class > 0:
         class_images = generate(pipe, class_prompt, n_class, batch_size=n_class, steps=steps,
                                 guidance=guidance, seed=seed + 1000, resolution=resolution,
@@ -383,8 +386,6 @@ def denoising_proxies(pipe, probe: dict) -> dict:
     """The fidelity and drift proxies of `pipe` (the trained model) on a probe's inputs (see
     DEFINITIONS): for each, the trained and base model's denoising errors and their ratio;
     for drift also the change of the predictions themselves."""
-    from . import families
-
     noise_target = families.get(families.of(pipe)).noise_target
     scheduler = _noise_scheduler(pipe)
     out = {"timesteps": probe["timesteps"]}
@@ -418,10 +419,6 @@ def _noise_scheduler(pipe):
 def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
     """[n, 4, h, w] float32 on the CPU: the VAE's mean latent of each image, centre-cropped to
     `resolution`, times the VAE's scaling factor (as training caches them)."""
-    import random
-
-    from .data import image_tensor
-
     vae = pipe.vae
     pixels = torch.stack([image_tensor(im.convert("RGB"), resolution, True, random.Random(0))
                           for im in images])
@@ -436,9 +433,6 @@ def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
 def _predict(pipe, inputs: dict, batch_size: int = 8) -> torch.Tensor:
     """The UNet's predictions (through the pipeline's own text encoders, the prompt padded to
     77 tokens as the pipeline renders it) for a probe's inputs, float32 on the CPU."""
-    from . import families
-    from .data import tokenize
-
     scheduler = _noise_scheduler(pipe)
     family = families.get(families.of(pipe))
     encoders, tokenizers = families.text_encoders(pipe), families.tokenizers(pipe)
@@ -516,8 +510,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cli(args, log=print) -> dict:
     """The CLI's work: read the output and its training.json, load the models, evaluate."""
-    from .intake import read_images, require_images
-
     quiet_libraries()
     for name in ("n_per_prompt", "steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -557,8 +549,6 @@ def run_cli(args, log=print) -> dict:
         device = _device()
         probe = None
         if base and base != "none":
-            from .models import load_pipeline
-
             log(f"evaluation: base model {base}, for the proxies")
             with _autocast():
                 probe = denoising_probe(load_pipeline(base, device), [ex.image for ex in held],
@@ -586,8 +576,6 @@ def run_cli(args, log=print) -> dict:
 def load_trained(folder: Path, base: str | None, device):
     """The trained pipeline of an output folder: its diffusers folder, or (a LoRA-only output)
     the base model with the LoRA of lora/ loaded."""
-    from .models import load_pipeline
-
     if (folder / "model_index.json").is_file():
         return load_pipeline(str(folder), device)
     if (folder / "lora" / "pytorch_lora_weights.safetensors").is_file():
@@ -602,8 +590,6 @@ def load_trained(folder: Path, base: str | None, device):
 
 
 def _untar(path: Path, dest: Path) -> Path:
-    import tarfile
-
     try:
         with tarfile.open(path) as tar:
             tar.extractall(dest, filter="data")  # no member can write outside dest
@@ -635,8 +621,6 @@ def _device() -> torch.device:
 
 def _autocast():
     """fp16 sampling on a GPU, as the recipe renders samples; exact fp32 on a CPU."""
-    import contextlib
-
     if torch.cuda.is_available():
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()

@@ -15,6 +15,10 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from . import families, lora
+from .single_file import save_single_file
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow",
             "pillow-heif", "bitsandbytes", "cog")
@@ -55,8 +59,6 @@ def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> Non
 
 def _prefix_keys(folder: Path, prefix: str) -> None:
     """Give every tensor key in the safetensors files (and shard index) of `folder` `prefix`."""
-    from safetensors.torch import load_file, save_file
-
     def fix(key: str) -> str:
         return key if key.startswith(prefix) else prefix + key
 
@@ -111,8 +113,6 @@ def export_formats(pipe, config, out: Path, base_weights: dict | None) -> list[s
     """Write the formats `config.output_format` names into `out`; returns the files and folders
     written. `base_weights` (optim.base_weights) are the weights before training, which
     extract_lora needs."""
-    from . import families, lora  # peft: imported by the runs that write LoRA files
-    from .single_file import save_single_file
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16,
              "fp32": torch.float32}[config.save_precision]

@@ -47,6 +47,7 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from . import families
@@ -205,8 +206,6 @@ def save_kohya(lora: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
                v_prediction: bool = False) -> Path:
     """Write a kohya-layout state dict as safetensors in `dtype`, with kohya's metadata (A1111
     shows it; ComfyUI reads only the `.alpha` tensors, never the metadata)."""
-    from safetensors.torch import save_file
-
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                 "ss_network_alpha": str(alpha), "ss_base_model_version": base_model_version,
                 "ss_v2": str(base_model_version.startswith("sd_v2")),

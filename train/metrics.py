@@ -37,6 +37,7 @@ from PIL import Image
 
 from .config import DEFAULT_CLIP, DEFAULT_DINO
 from .errors import UserError
+from .models import build_tokenizer
 
 FEATURE_BUILTINS = ["tiny", "random"]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -153,8 +154,6 @@ def build_feature_models(name: str, device: torch.device | str = "cpu") -> Featu
     """A built-in pair of feature models, weights fixed by seed 0: `tiny` (toy widths, 32 px
     input) or `random` (DINO ViT-S/16 and CLIP ViT-B/32 at their real sizes)."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    from .models import build_tokenizer
 
     if name not in FEATURE_BUILTINS:
         raise ValueError(f"built-in feature models are {', '.join(FEATURE_BUILTINS)} "

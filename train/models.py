@@ -28,13 +28,16 @@ for common prompt words); it is the only part diffusers would otherwise download
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from . import families
 from .errors import UserError
 from .families import BUILTINS, FAMILY_NAMES, PIPELINES
+from .single_file import checkpoint_family
 
 TOKENIZER_WORDS = (
     "a an the photo picture image of in on at with and wearing sks zwx ohwx person man woman "
@@ -70,8 +73,6 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
 def _from_single_file(cls, path: Path, config_folder: str, options: dict):
     """diffusers reads a file as safetensors only by its suffix (else it unpickles it): give a
     suffix-less upload one through a symlink."""
-    import tempfile
-
     if path.suffix.lower() == ".safetensors":
         return cls.from_single_file(str(path), config=config_folder, **options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,10 +144,6 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _file_family(path: Path) -> str:
     """The family of a single-file checkpoint, from its key names (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    from .single_file import checkpoint_family
-
     try:  # by content, not name: an upload (Cog's base_checkpoint) may have lost its suffix
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())

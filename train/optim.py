@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
+from .lora import add_lora
 
 
 def mark_trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
@@ -17,8 +18,6 @@ def mark_trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
     `text_encoders` by pipeline attribute: text_encoder, and SDXL's text_encoder_2."""
     train_text = text_encoders if config.train_text_encoder else {}
     if config.use_lora:
-        from .lora import add_lora  # peft: imported only by runs that train LoRA
-
         unet_params = add_lora(unet, config.lora_rank, config.lora_alpha, "unet")
         text_params = [p for kind, model in train_text.items()
                        for p in add_lora(model, config.lora_rank, config.lora_alpha, kind)]

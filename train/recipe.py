@@ -30,10 +30,11 @@ from .config import Concept, TrainConfig, concepts_of
 from .data import TrainingData, prepare
 from .distributed import rank_and_size
 from .errors import UserError
+from .evaluate import brief, denoising_probe, evaluate_concepts, pick_checkpoint
 from .export import export_formats, save_images, versions, write_json, write_tar
 from .intake import Example, Limits, outside_folders, prompt_words, read_images, require_images
 from .loop import Diverged, LoopState, Training, train
-from .metrics import check_feature_models
+from .metrics import check_feature_models, load_feature_models
 from .models import check_model, load_pipeline
 from .optim import (base_weights, bitsandbytes_adamw, lr_schedule, make_optimizer,
                     mark_trainable)
@@ -244,8 +245,6 @@ def evaluation_baseline(config: TrainConfig, intake: Intake, model: Model,
                         log) -> Baseline | None:
     if not (config.evaluate and model.main):
         return None
-    from .evaluate import denoising_probe  # the feature models' code: only runs that evaluate
-    from .metrics import load_feature_models
 
     features = load_feature_models(config.eval_dino, config.eval_clip, model.accelerator.device)
     probes = []
@@ -364,8 +363,6 @@ def save_checkpoint(config, plan, intake, model, training, state, scored, baseli
                     class_pngs, work, out, log) -> None:
     """Save the whole training state at this step, with the samples so far and, with evaluate,
     this step's scores (added to `scored`)."""
-    from .evaluate import brief, evaluate_concepts
-
     files = class_pngs | {f"samples/{p.relative_to(out / 'samples')}": p.read_bytes()
                           for p in (out / "samples").rglob("*.png")}
     # The last step's model is scored once, after training (with EMA, if on).
@@ -424,7 +421,6 @@ def write_outputs(config, plan, intake, model, training, state, scored, baseline
     timings.end("samples")
     evaluation = None
     if config.evaluate:  # before the export, which casts the weights to save_precision
-        from .evaluate import brief, evaluate_concepts, pick_checkpoint
 
         with model.half():
             reports = evaluate_concepts(pipe, config, intake.concepts, intake.instance,

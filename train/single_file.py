@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from . import families
 
@@ -170,8 +171,6 @@ def single_file_state_dict(pipe) -> dict[str, torch.Tensor]:
 def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
     """Write `single_file_state_dict(pipe)` in `dtype` to `path` (.safetensors), with the family
     ("sd1", "sd2", "sdxl") in the file's metadata."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu", dtype).contiguous()
                for k, v in single_file_state_dict(pipe).items()}
     save_file(tensors, str(path), metadata={"format": "pt", "family": families.of(pipe)})
