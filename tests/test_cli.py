@@ -121,6 +121,50 @@ def test_missing_8bit_adam_is_said_clearly(tmp_path, photos_zip, venv_env):
                                     "installed: pip install bitsandbytes")
 
 
+def not_files(tmp_path) -> dict:
+    """Inputs that are not what they claim: each used to hang a run, or take a minute to be
+    told it is not an archive (tarfile reads the whole file to decide)."""
+    import gzip
+
+    fifo = tmp_path / "fifo.zip"
+    os.mkfifo(fifo)
+    zeros = tmp_path / "zeros.zip"
+    with open(zeros, "wb") as f:
+        f.truncate(512 << 20)  # 512 MiB of zeros, sparse: no disk is used
+    bomb = tmp_path / "zeros.tar.gz"
+    with gzip.open(bomb, "wb", compresslevel=1) as f:  # 64 MiB of zeros in 64 KiB
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    return {"fifo": str(fifo), "device": "/dev/zero", "zeros": str(zeros), "bomb": str(bomb)}
+
+
+@pytest.mark.parametrize("option, case, message", [
+    ("--instance-data", "fifo", "error: instance_data: {} is not a file or a folder (it is a "
+                                "FIFO, a device or a socket): give a ZIP or tar archive"),
+    ("--instance-data", "device", "error: instance_data: {} is not a file or a folder"),
+    ("--instance-data", "zeros", "error: instance_data: zeros.zip is not a ZIP or tar archive"),
+    ("--instance-data", "bomb", "error: instance_data: zeros.tar.gz is not a ZIP or tar archive"),
+    ("--resume", "fifo", "error: resume: {} is not a file or a folder (it is a FIFO, a device or "
+                         "a socket): give a checkpoint folder or a tarball of one"),
+    ("--resume", "zeros", "error: resume: {} is neither a checkpoint folder nor a tarball"),
+    ("--base-checkpoint", "fifo", "error: model '{}' is not a file or a folder"),
+])
+def test_inputs_that_are_not_files_fail_at_once_with_one_line(tmp_path, photos_zip, venv_env,
+                                                              option, case, message):
+    import time
+
+    named = not_files(tmp_path)[case]
+    args = ["--model", "tiny", "--instance-data", str(photos_zip), "--instance-prompt",
+            "a photo of sks ball", "--with-prior-preservation", "false",
+            "--output", str(tmp_path / "out.tar"), option, named]
+    started = time.monotonic()
+    result = cli(args, venv_env, tmp_path)
+    assert time.monotonic() - started < 30  # the process starts in ~2 s; it used to hang
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(message.format(named)), result.stderr
+    assert not (tmp_path / "out.tar").exists()
+
+
 def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
     result = cli(["--model", str(tmp_path / "weights"), "--instance-data", str(photos_zip),
                   "--instance-prompt", "p", "--with-prior-preservation", "false",

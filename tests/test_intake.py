@@ -152,6 +152,21 @@ def test_tar_archives_recognised_by_content(tmp_path, mode):
     assert [e.file for e in examples] == ["dog/a.jpg", "dog/b.png"] and skipped == []
 
 
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:xz"])
+def test_an_empty_tar_is_an_empty_archive_and_zeros_are_no_archive(tmp_path, mode):
+    """Told from the first header block: an empty tar is only its end marker; a file of zeros
+    longer than that is no tar (tarfile.is_tarfile read all of it, and said it was one)."""
+    from train.intake import looks_like_tar, require_images
+
+    path = tmp_path / "upload"
+    path.write_bytes(tar_bytes({}, mode))
+    assert looks_like_tar(path)
+    with pytest.raises(UserError, match="instance_data: the archive is empty"):
+        require_images(*read(path), "instance_data")
+    path.write_bytes(bytes(1 << 20))
+    assert not looks_like_tar(path)
+
+
 def test_a_single_image_is_an_archive_of_one(tmp_path):
     path = tmp_path / "upload"
     path.write_bytes(image_bytes(fmt="WEBP"))

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, effective_lr
 from .errors import UserError
-from .intake import Example
+from .intake import Example, input_path, looks_like_tar
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and
@@ -108,10 +108,10 @@ def complete(root: Path) -> list[Path]:
 def read_meta(resume: str) -> dict:
     """state.json of the checkpoint `resume` names (a folder, a folder of checkpoints, or a
     tarball), read without extracting anything. Raises UserError when there is none."""
-    path = Path(resume)
+    path = input_path(resume, "resume", "a checkpoint folder or a tarball of one")
     if path.is_dir():
         return json.loads((find(path) / "state.json").read_text())
-    if path.is_file() and tarfile.is_tarfile(path):
+    if looks_like_tar(path):
         with tarfile.open(path) as tar:
             member = _state_member(tar, resume)
             return json.loads(tar.extractfile(member).read())

@@ -94,9 +94,7 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
     them. With `folder_captions` (JoePenna's convention), folders say more: `bingo/x.jpg` is
     "bingo C", `bingo/dog/x.jpg` "bingo dog", `bingo/dog/a picture of/x.jpg` "a picture of
     bingo dog", and S and C follow the folders too."""
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"{role}: {source} does not exist")
+    path = input_path(source, role)
     backdrop = ImageColor.getrgb(background)[:3]
     entries = list(_entries(path, role, limits))
     if folder:
@@ -238,6 +236,38 @@ def require_images(examples: list[Example], skipped: list[dict], role: str) -> N
                     f"send JPEG, PNG, WebP or HEIC photos")
 
 
+def input_path(source: str, role: str,
+               wanted: str = "a ZIP or tar archive, an image or a folder") -> Path:
+    """The path of a file or folder the user named, checked before anything opens it: a FIFO, a
+    device or a socket is refused here (opening a FIFO to read waits for a writer forever)."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{role}: {source} does not exist")
+    if not (path.is_dir() or path.is_file()):  # both follow links, to what is really read
+        raise UserError(f"{role}: {source} is not a file or a folder (it is a FIFO, a device "
+                        f"or a socket): give {wanted}")
+    return path
+
+
+def looks_like_tar(path: Path) -> bool:
+    """Whether a file starts as a tar archive does (plain, or gzip/bz2/xz-compressed), from its
+    first (decompressed) header block alone: tarfile.is_tarfile reads the whole file to decide,
+    over a minute for 512 MiB of zeros, which it then takes for an empty tar."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    opener = next((cls for m, cls in TAR_MAGIC.items() if magic.startswith(m)), None)
+    try:
+        with (opener(path) if opener else open(path, "rb")) as f:
+            block = f.read(512)
+            if block == bytes(512):  # an empty tar is its end marker: a few zero blocks only
+                rest = f.read(20480)
+                return len(rest) < 20480 and not any(rest)
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")  # checks the checksum
+        return True
+    except (lzma.LZMAError, *UNREADABLE):
+        return False
+
+
 # --- Archives ------------------------------------------------------------------------------
 
 def _entries(path: Path, role: str, limits: Limits):
@@ -246,7 +276,7 @@ def _entries(path: Path, role: str, limits: Limits):
         return _folder_entries(path)
     if zipfile.is_zipfile(path):
         return _zip_entries(path, role, limits)
-    if tarfile.is_tarfile(path):
+    if looks_like_tar(path):
         return _tar_entries(path, role, limits)
     try:
         with Image.open(path):

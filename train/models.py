@@ -93,6 +93,9 @@ def check_model(model: str, config_folder: str | None = None) -> str:
             f"model {model!r} not found: run script/download-weights to fetch Stable "
             f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
             f"or a built-in name ({', '.join([*BUILTINS, *SHIPPED])})")
+    if not (path.is_dir() or path.is_file()):  # a FIFO would hang whatever opened it
+        raise UserError(f"model {model!r} is not a file or a folder (it is a FIFO, a device or a "
+                        f"socket): pass a diffusers folder or a .safetensors checkpoint")
     if path.is_dir():
         return _folder_family(path, "model")
     if path.suffix.lower() in PICKLE_SUFFIXES:
