@@ -165,6 +165,47 @@ def test_inputs_that_are_not_files_fail_at_once_with_one_line(tmp_path, photos_z
     assert not (tmp_path / "out.tar").exists()
 
 
+def file_size_limit(limit: int):
+    """For a subprocess: files of at most `limit` bytes (ulimit -f), a write past it failing with
+    EFBIG rather than SIGXFSZ killing the process: a full disk, as a test can make one."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("where", ["export", "tarball"])
+def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_file(tmp_path, photos_zip,
+                                                                   venv_env, where):
+    """The disk fills while the weights are written into the work folder, or while the tarball
+    is: one line, no tarball and no .partial beside it, an empty work_dir."""
+    import tarfile
+
+    args = ["--model", "tiny", "--instance-data", str(photos_zip), "--instance-prompt",
+            "a photo of sks ball", "--with-prior-preservation", "false", "--resolution", "64",
+            "--max-train-steps", "1", "--work-dir", str(tmp_path / "work")]
+    limit = 1 << 20  # below the UNet's weights: the export into the work folder fails
+    if where == "tarball":  # room for every file, not for the tarball that holds them all
+        whole = tmp_path / "whole.tar"
+        assert cli([*args, "--output", str(whole)], venv_env, tmp_path).returncode == 0
+        with tarfile.open(whole) as tar:
+            largest = max(m.size for m in tar.getmembers())
+        limit = (largest + whole.stat().st_size) // 2
+    out = tmp_path / "out" / "model.tar"
+    out.parent.mkdir()
+    result = subprocess.run([sys.executable, "-m", "train", *args, "--output", str(out)],
+                            env=venv_env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, preexec_fn=file_size_limit(limit))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ran out of disk space (")
+    assert "no tarball was written: free some space" in result.stderr
+    assert list(out.parent.iterdir()) == []  # no model.tar, no model.tar.partial
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 def test_unknown_model_is_explained(tmp_path, photos_zip, venv_env):
     result = cli(["--model", str(tmp_path / "weights"), "--instance-data", str(photos_zip),
                   "--instance-prompt", "p", "--with-prior-preservation", "false",

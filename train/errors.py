@@ -9,6 +9,8 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import re
 import signal
 import sys
 import threading
@@ -18,6 +20,19 @@ from .distributed import rank_and_size
 
 class UserError(ValueError):
     """A mistake in the user's input. Front doors print its message as one line, no traceback."""
+
+
+# No space left, a file-size limit (ulimit -f, or a filesystem's largest file), a quota.
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def out_of_disk(error: BaseException) -> bool:
+    """Whether `error` is the disk running out: an OSError, or safetensors' own error, which
+    carries the OS error's number only in its text ("... (os error 28)")."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return found is not None and int(found.group(1)) in DISK_FULL
 
 
 def exit_status(work) -> int:

@@ -99,13 +99,18 @@ def versions() -> dict:
 
 def write_tar(folder: Path, output: Path) -> int:
     """Stream every file under `folder` into an uncompressed tarball at `output` (written under a
-    temporary name and renamed, so a crash never leaves a half tarball). Returns its size."""
+    temporary name and renamed, so a crash never leaves a half tarball; removed if the writing
+    fails or is interrupted). Returns its size."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(folder.iterdir()):
-            tar.add(path, arcname=path.name)
-    os.replace(partial, output)
+    try:
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(folder.iterdir()):
+                tar.add(path, arcname=path.name)
+        os.replace(partial, output)
+    except BaseException:  # a full disk, Ctrl-C, a cancel: a finished tarball or none
+        partial.unlink(missing_ok=True)
+        raise
     return output.stat().st_size
 
 

@@ -29,7 +29,7 @@ from . import checkpoint, distributed, families
 from .config import Concept, TrainConfig, concepts_of
 from .data import TrainingData, prepare
 from .distributed import rank_and_size
-from .errors import UserError
+from .errors import UserError, out_of_disk
 from .evaluate import brief, denoising_probe, evaluate_concepts, pick_checkpoint
 from .export import export_formats, save_images, versions, write_json, write_tar
 from .intake import Example, Limits, outside_folders, prompt_words, read_images, require_images
@@ -89,6 +89,11 @@ def run(config: TrainConfig, log=print) -> Path:
             return Path(config.output)
         return write_outputs(config, plan, intake, model, training, state, scored, baseline,
                              agreed, out, timings, log)
+    except Exception as e:
+        if out_of_disk(e):
+            raise UserError(f"ran out of disk space ({e}); no tarball was written: free some "
+                            f"space, or give work_dir and output on a larger disk") from None
+        raise
     finally:
         if work:
             shutil.rmtree(work, ignore_errors=True)
