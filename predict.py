@@ -33,6 +33,7 @@ from train.cli import to_argv
 from train.config import field_type, fields
 from train.distributed import cuda_available, launch, process_count
 from train.models import check_model
+from train.recipe import remove_leftovers
 
 SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
@@ -76,7 +77,10 @@ class Predictor(BasePredictor):
         # Checked only when a prediction asks for evaluate: most never need them.
         self.features = {name: os.environ.get(name.upper(), SETTINGS[name].default)
                          for name in ("eval_dino", "eval_clip")}
-        self.outputs = tempfile.mkdtemp(prefix="dreambooth-out-")
+        # What a predecessor killed outright left (its output tarball, a run's work folder).
+        for name in remove_leftovers(tempfile.gettempdir()):
+            print(f"setup: removed {name}, left by a server that was stopped")
+        self.outputs = tempfile.mkdtemp(prefix=f"dreambooth-out-{os.getpid()}-")
         self.processes, self.cuda = process_count(), cuda_available()
 
     def predict(

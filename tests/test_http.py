@@ -441,6 +441,26 @@ def test_ten_predictions_in_a_row_leave_no_files_and_no_memory_behind(server, ph
     assert server.rss_mib() < rss + 128, (rss, server.rss_mib())
 
 
+def test_a_server_starting_removes_what_a_killed_one_left(tmp_path):
+    """A server killed outright (SIGKILL) leaves its output folder (with a tarball: 2 GB for
+    SD 1.5) and a run's work folder in the temp folder; the next one to start removes them,
+    and nothing of a process still alive."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    scratch = tmp_path / "server-tmp"
+    left = [scratch / f"dreambooth-out-{dead.pid}-abc123", scratch / f"dreambooth-{dead.pid}-x_9"]
+    alive = scratch / f"dreambooth-{os.getpid()}-mine"
+    for folder in (*left, alive):
+        folder.mkdir(parents=True)
+        (folder / "dreambooth-weights.tar").write_bytes(b"\0" * 1024)
+    server = Server(scratch, tmp_path / "server.log")
+    server.stop()
+    assert not any(folder.exists() for folder in left)
+    assert (alive / "dreambooth-weights.tar").is_file()
+    assert f"removed {left[0].name}, left by a server that was stopped" in (
+        tmp_path / "server.log").read_text()
+
+
 def test_upload_url_receives_the_tarball_intact(tmp_path, photos, loopback):
     """With --upload-url the server PUTs the output there and returns its URL, rather than
     inlining it (docs/http.md: the way to serve real, 2 GB outputs)."""

@@ -386,3 +386,27 @@ def test_aspect_buckets_train_wide_and_tall_photos_uncropped(tmp_path):
                         max_train_steps=4, num_class_images=1, class_infer_steps=1)
     history = read_training_json(out)["history"]
     assert len(history) == 4 and all(h["class_loss"] > 0 for h in history)
+
+
+def test_a_run_removes_what_a_killed_run_left_in_its_work_dir(tmp_path, photos_zip):
+    """A run killed outright (SIGKILL) leaves its work folder; the next run in the same work_dir
+    removes it, and leaves a live process's alone."""
+    import os
+    import subprocess
+    import sys
+
+    from train import TrainConfig, run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    work = tmp_path / "work"
+    left, alive = work / f"dreambooth-{dead.pid}-ab12", work / f"dreambooth-{os.getpid()}-x"
+    for folder in (left, alive):
+        folder.mkdir(parents=True)
+        (folder / "unet.safetensors").write_bytes(b"\0" * 1024)
+    lines = []
+    run(TrainConfig(**dict(FAST, max_train_steps=1, with_prior_preservation=False),
+                    instance_data=str(photos_zip), instance_prompt="a photo of sks ball",
+                    output=str(tmp_path / "out.tar"), work_dir=str(work)), log=lines.append)
+    assert sorted(p.name for p in work.iterdir()) == [alive.name]
+    assert f"removed {left.name}, left by a run that was killed" in lines

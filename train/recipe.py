@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -66,8 +67,12 @@ def run(config: TrainConfig, log=print) -> Path:
     # a checkpoint tarball to resume from.
     if config.work_dir:
         Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # what runs killed outright left here (SIGKILL gives them no chance)
+        for name in remove_leftovers(config.work_dir or tempfile.gettempdir()):
+            log(f"removed {name}, left by a run that was killed")
     own = rank == 0 or (config.resume and Path(config.resume).is_file())
-    work = Path(tempfile.mkdtemp(prefix="dreambooth-", dir=config.work_dir)) if own else None
+    work = Path(tempfile.mkdtemp(prefix=f"dreambooth-{os.getpid()}-", dir=config.work_dir)) \
+        if own else None
     try:
         model = load(config, work, log)
         timings.end("load_model")
@@ -491,6 +496,29 @@ class Timings:
 
 def _silent(_line: str) -> None:
     """The log of every process but rank 0."""
+
+
+def remove_leftovers(folder: str) -> list[str]:
+    """Remove the work and output folders (dreambooth-PID-*, dreambooth-out-PID-*) that processes
+    no longer running left in `folder`: a process killed outright (SIGKILL, a lost machine)
+    cleans up nothing, and an SD 1.5 output holds a 2 GB tarball. Returns the names removed."""
+    removed = []
+    for path in Path(folder).glob("dreambooth-*"):
+        match = re.fullmatch(r"dreambooth-(?:out-)?(\d+)-\w+", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def check_writable(output: str, work_dir: str | None) -> None:
