@@ -152,3 +152,83 @@ def test_checkpoint_dir_must_be_writable(tmp_path, photos_zip):
                                checkpointing_steps=2, checkpoint_dir=str(blocker / "ckpt"))),
             log=lambda _: None)
     assert sorted(os.listdir(tmp_path)) == ["file", "photos.zip"]  # nothing written
+
+
+class NotATensor:
+    """What a hostile checkpoint pickles in place of an optimizer state."""
+
+
+@pytest.fixture(scope="module")
+def step2(tmp_path_factory, photos):
+    """A real checkpoint (step 2 of a run), to make hostile copies of."""
+    tmp = tmp_path_factory.mktemp("step2")
+    train_tiny(tmp, photos, "first", **dict(SETTINGS, max_train_steps=2, checkpointing_steps=2))
+    return tmp / "first-checkpoints" / "step-000002"
+
+
+def hostile(step2, tmp_path, case: str):
+    """A tarball of the checkpoint, spoiled as `case` says; returns its path."""
+    import gzip
+    import io
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ckpt" / "step-000002"
+    shutil.copytree(step2, folder)
+    if case == "pickle":
+        torch.save({"state": NotATensor()}, folder / "optimizer.pt")
+    if case == "other model":
+        save_file({name: torch.zeros(3) for name in load_file(folder / "trainable.safetensors")},
+                  folder / "trainable.safetensors")
+    if case == "bad state":
+        (folder / "state.json").write_text("[]")
+    packed = tmp_path / ("ckpt.tar.gz" if case == "bomb" else "ckpt.tar")
+    with (gzip.open(packed, "wb", compresslevel=1) if case == "bomb"
+          else open(packed, "wb")) as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        if case == "bomb":  # state.json, then 256 MiB of zeros in 256 KiB
+            tar.add(folder / "state.json", arcname="step-000002/state.json")
+        else:
+            tar.add(folder, arcname="step-000002")
+        if case == "escape":
+            data = b"owned"
+            info = tarfile.TarInfo("../escaped.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if case == "link":
+            info = tarfile.TarInfo("step-000002/passwd")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        if case == "bomb":
+            info = tarfile.TarInfo("step-000002/padding.bin")
+            info.size = 256 << 20
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    if case == "truncated":
+        with open(packed, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+    return packed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", r"resume: ckpt.tar is a damaged tar archive"),
+    ("escape", r"resume: ckpt.tar holds a path outside its folder \('../escaped.txt'\)"),
+    ("link", r"resume: ckpt.tar holds a link \('step-000002/passwd'\)"),
+    ("bomb", r"resume: ckpt.tar.gz (expands|would expand)"),
+    ("bad state", r"resume: the state.json of .* is not one this trainer wrote"),
+    ("pickle", r"resume: the checkpoint's optimizer.pt holds objects, not only tensors"),
+    ("other model", r"resume: the checkpoint's weights do not fit this model .*is \(3,\), not"),
+])
+def test_a_hostile_checkpoint_tarball_is_refused_in_one_line(step2, photos, tmp_path, case,
+                                                             message):
+    """Each of these ended in a traceback (or filled the disk); now one line, nothing written
+    outside the work folder, and the work folder removed."""
+    work = tmp_path / "work"
+    config = TrainConfig(**dict(SETTINGS, max_train_steps=4), instance_data=str(photos),
+                         instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                         resume=str(hostile(step2, tmp_path, case)),
+                         output=str(tmp_path / "out.tar"), work_dir=str(work))
+    with pytest.raises(UserError, match=message) as refused:
+        run(config, log=lambda line: None)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out.tar").exists()
+    assert list(work.iterdir()) == [] if work.exists() else True

@@ -21,17 +21,19 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
-import tarfile
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, effective_lr
 from .errors import UserError
-from .intake import Example, input_path, looks_like_tar
+from .intake import Example, Limits, input_path, looks_like_tar, tar_members, unsafe_path
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and
@@ -105,16 +107,16 @@ def complete(root: Path) -> list[Path]:
         ".partial") and (p / "state.json").is_file())
 
 
-def read_meta(resume: str) -> dict:
+def read_meta(resume: str, config: TrainConfig) -> dict:
     """state.json of the checkpoint `resume` names (a folder, a folder of checkpoints, or a
-    tarball), read without extracting anything. Raises UserError when there is none."""
+    tarball), read without extracting anything. Raises UserError when there is none, and for a
+    tarball that is damaged, a bomb, or holds anything but files inside one folder."""
     path = input_path(resume, "resume", "a checkpoint folder or a tarball of one")
     if path.is_dir():
-        return json.loads((find(path) / "state.json").read_text())
+        return _parse((find(path) / "state.json").read_bytes(), resume)
     if looks_like_tar(path):
-        with tarfile.open(path) as tar:
-            member = _state_member(tar, resume)
-            return json.loads(tar.extractfile(member).read())
+        members = _tar_files(path, config)
+        return _parse(members[_state_name(members, resume)][1]().read(), resume)
     raise UserError(f"resume: {resume} is neither a checkpoint folder nor a tarball of one")
 
 
@@ -129,24 +131,58 @@ def find(path: Path) -> Path:
     return found[-1]
 
 
-def materialize(resume: str, work: Path) -> Path:
-    """A checkpoint folder on disk: the one `resume` names, or its tarball extracted in work."""
+def materialize(resume: str, work: Path, config: TrainConfig) -> Path:
+    """A checkpoint folder on disk: the one `resume` names, or its tarball unpacked in work
+    (file by file, streamed: nothing but the files read_meta checked)."""
     path = Path(resume)
     if path.is_dir():
         return find(path)
-    with tarfile.open(path) as tar:
-        member = _state_member(tar, resume)
-        tar.extractall(work / "resume", filter="data")
-    return (work / "resume" / member.name).parent
+    members = _tar_files(path, config)
+    for name, (member, stream) in members.items():
+        dest = work / "resume" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with stream() as source, open(dest, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    return (work / "resume" / _state_name(members, resume)).parent
 
 
-def _state_member(tar: tarfile.TarFile, resume: str) -> tarfile.TarInfo:
-    members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name == "state.json"
-               and len(Path(m.name).parts) <= 2]
-    if len(members) != 1:
+def _tar_files(path: Path, config: TrainConfig) -> dict:
+    """name -> (TarInfo, stream) of a checkpoint tarball's files, read as the photo intake reads
+    archives. A checkpoint this trainer wrote is a plain tar (it expands to its own size):
+    compressed, it may expand max_compression_ratio times, and never past the free space
+    where it would be unpacked."""
+    where = Path(config.work_dir or tempfile.gettempdir())
+    free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    limits = Limits(max_files=config.max_archive_files, max_ratio=config.max_compression_ratio,
+                    max_bytes=min(int(path.stat().st_size * config.max_compression_ratio), free),
+                    advice="resume from a checkpoint tarball this trainer wrote")
+    files = {}
+    for member, stream in tar_members(path, "resume", limits):
+        if unsafe_path(member.name) or not member.isfile():
+            what = ("a link" if member.issym() or member.islnk() else "a path outside its folder"
+                    if unsafe_path(member.name) else "something not a file")
+            raise UserError(f"resume: {path.name} holds {what} ({member.name!r}); a checkpoint "
+                            f"tarball holds one folder of files, as this trainer writes it")
+        files[member.name] = (member, stream)
+    return files
+
+
+def _state_name(names, resume: str) -> str:
+    found = [n for n in names if Path(n).name == "state.json" and len(Path(n).parts) <= 2]
+    if len(found) != 1:
         raise UserError(f"resume: {resume} is not a tarball of one checkpoint folder (it holds "
-                        f"{len(members)} state.json files)")
-    return members[0]
+                        f"{len(found)} state.json files)")
+    return found[0]
+
+
+def _parse(payload: bytes, resume: str) -> dict:
+    try:
+        meta = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"resume: the state.json of {resume} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
+        raise UserError(f"resume: the state.json of {resume} is not one this trainer wrote")
+    return meta
 
 
 def check_resumable(meta: dict, config: TrainConfig, key: str, processes: int = 1) -> None:
@@ -175,26 +211,51 @@ def check_resumable(meta: dict, config: TrainConfig, key: str, processes: int = 
 
 def restore(folder: Path, *, trainable: dict, optimizer, lr_scheduler, scaler,
             ema: dict | None) -> LoopState:
-    """Load a checkpoint into the live objects; returns the loop state to continue from."""
+    """Load a checkpoint into the live objects; returns the loop state to continue from. A
+    checkpoint that does not fit this model, or holds more than tensors (a pickled object, which
+    torch.load(weights_only=True) refuses to run), is a UserError."""
     meta = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "trainable.safetensors")
-    if set(weights) != set(trainable):
+    weights = _tensors(folder / "trainable.safetensors")
+    wrong = [n for n, p in trainable.items() if n in weights and weights[n].shape != p.shape]
+    if set(weights) != set(trainable) or wrong:
         raise UserError(f"resume: the checkpoint's weights do not fit this model "
-                        f"({len(weights)} tensors saved, {len(trainable)} expected)")
+                        f"({len(weights)} tensors saved, {len(trainable)} expected"
+                        + (f"; {wrong[0]} is {tuple(weights[wrong[0]].shape)}, not "
+                           f"{tuple(trainable[wrong[0]].shape)}" if wrong else "")
+                        + "): resume with the base model it was made with")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
         if ema is not None:
-            for name, t in load_file(folder / "ema.safetensors").items():
+            for name, t in _tensors(folder / "ema.safetensors").items():
                 ema[name].copy_(t)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_state(folder / "optimizer.pt"))
+    lr_scheduler.load_state_dict(_state(folder / "scheduler.pt"))
     if scaler is not None:
-        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        scaler.load_state_dict(_state(folder / "scaler.pt"))
     generator = torch.Generator()
-    generator.set_state(torch.load(folder / "generator.pt", weights_only=True))
+    generator.set_state(_state(folder / "generator.pt"))
     return LoopState(meta["step"], generator, [tuple(b) for b in meta["pending"]],
                      meta["history"], meta["elapsed"])
+
+
+def _tensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"resume: the checkpoint's {path.name} is unreadable ({e})") from None
+
+
+def _state(path: Path):
+    """A state saved with torch.save: tensors, numbers and containers only (weights_only)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"resume: the checkpoint's {path.name} holds objects, not only tensors; "
+                        f"it was not written by this trainer and is not loaded (unpickling can "
+                        f"run code)") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise UserError(f"resume: the checkpoint's {path.name} is unreadable ({e})") from None
 
 
 def png_bytes(image) -> bytes:

@@ -61,6 +61,7 @@ class Limits:
     max_bytes: int = 4 << 30
     max_ratio: float = 200.0
     max_pixels: int = 100_000_000
+    advice: str = "send only the photos"  # what a refusal tells the user to do
 
 
 @dataclass
@@ -308,6 +309,21 @@ def _zip_entries(path: Path, role: str, limits: Limits):
 
 
 def _tar_entries(path: Path, role: str, limits: Limits):
+    for member, stream in tar_members(path, role, limits):
+        if member.issym() or member.islnk():
+            yield member.name, "a link (links are never followed)", None
+        elif not member.isfile():
+            yield member.name, "not a regular file", None
+        else:
+            yield (member.name, _name_reason(member.name, member.size),
+                   lambda stream=stream: stream().read())
+
+
+def tar_members(path: Path, role: str, limits: Limits):
+    """(TarInfo, stream) for each member of a tar archive (plain or compressed) but folders, in
+    name order, once the archive has passed `limits`: its file count, expanded size and
+    compression ratio (a bomb stops decompressing at the size limit). `stream()` opens a
+    regular file's bytes. The photo intake reads archives this way; so does resume."""
     plain = _plain_tar(path, role, limits)
     try:
         archive = tarfile.open(fileobj=plain, mode="r:")
@@ -323,13 +339,13 @@ def _tar_entries(path: Path, role: str, limits: Limits):
         raise UserError(f"{role}: {path.name} is a damaged tar archive ({e})") from None
     _check_limits(role, path, headers, sum(m.size for m in members if m.isfile()), limits)
     for member in sorted(members, key=lambda m: m.name):
-        if member.issym() or member.islnk():
-            yield member.name, "a link (links are never followed)", None
-        elif not member.isfile():
-            yield member.name, "not a regular file", None
-        else:
-            yield (member.name, _name_reason(member.name, member.size),
-                   lambda member=member: archive.extractfile(member).read())
+        yield member, lambda member=member: archive.extractfile(member)
+
+
+def unsafe_path(name: str) -> bool:
+    """Whether an archive member's name would land outside the folder it is extracted into."""
+    parts = PurePosixPath(name).parts
+    return not parts or name.startswith("/") or ".." in parts
 
 
 TAR_MAGIC = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
@@ -355,7 +371,7 @@ def _plain_tar(path: Path, role: str, limits: Limits):
                     plain.write(chunk)
                     if plain.tell() > budget:
                         raise UserError(f"{role}: {path.name} expands past "
-                                        f"{limits.max_bytes >> 20} MiB; send only the photos")
+                                        f"{limits.max_bytes >> 20} MiB; {limits.advice}")
         except UNREADABLE + (lzma.LZMAError,) as e:
             raise UserError(f"{role}: {path.name} is a damaged archive ({e})") from None
         plain.seek(0)
@@ -388,11 +404,11 @@ def _folder_entries(path: Path):
 
 def _check_limits(role: str, path: Path, count: int, total: int, limits: Limits) -> None:
     if count > limits.max_files:
-        raise UserError(f"{role}: {path.name} holds more than {limits.max_files} files; send "
-                        f"only the photos")
+        raise UserError(f"{role}: {path.name} holds more than {limits.max_files} files; "
+                        f"{limits.advice}")
     if total > limits.max_bytes:
         raise UserError(f"{role}: {path.name} would expand to {total >> 20} MiB, over the "
-                        f"{limits.max_bytes >> 20} MiB limit; send only the photos")
+                        f"{limits.max_bytes >> 20} MiB limit; {limits.advice}")
     ratio = total / max(path.stat().st_size, 1)
     if ratio > limits.max_ratio:
         raise UserError(f"{role}: {path.name} expands {ratio:.0f} times (limit "
@@ -400,9 +416,9 @@ def _check_limits(role: str, path: Path, count: int, total: int, limits: Limits)
 
 
 def _name_reason(name: str, nbytes: int) -> str | None:
-    parts = PurePosixPath(name).parts
-    if not parts or name.startswith("/") or ".." in parts:
+    if unsafe_path(name):
         return "unsafe path"
+    parts = PurePosixPath(name).parts
     if "__MACOSX" in parts:
         return "macOS metadata"
     if parts and parts[-1].lower() in JUNK_NAMES:

@@ -158,7 +158,7 @@ def take_in(config: TrainConfig, world: int) -> Intake:
     if config.resume or config.checkpointing_steps:
         intake.data_key = checkpoint.data_key(intake.instance + intake.classes)
     if config.resume:
-        meta = checkpoint.read_meta(config.resume)
+        meta = checkpoint.read_meta(config.resume, config)
         checkpoint.check_resumable(meta, config, intake.data_key, world)
         intake.to_generate = [0] * len(concepts)  # the checkpoint has them
     if config.checkpointing_steps:
@@ -210,7 +210,7 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
     source, model_config = config.model_source()
     log(f"model: loading {source} on {accelerator.device} ({mode})")
     pipe = load_pipeline(source, accelerator.device, model_config)
-    resumed = checkpoint.materialize(config.resume, work) if config.resume else None
+    resumed = checkpoint.materialize(config.resume, work, config) if config.resume else None
     return Model(pipe, family, accelerator, precision, resumed)
 
 
