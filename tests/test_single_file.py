@@ -200,3 +200,31 @@ def test_check_model_refuses_bad_single_files(tmp_path):
     refused(sd1, "config folder .* not found", str(tmp_path / "nowhere"))
     refused(sd1, "config folder .* is a FluxPipeline",
             diffusers_folder(tmp_path / "flux", "FluxPipeline"))
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    ("shape", "conv_in.weight expected shape torch.Size([32, 4, 3, 3]), but got torch.Size([3])"),
+    ("missing", "some of its weights are missing"),
+])
+def test_a_single_file_whose_names_pass_but_contents_do_not_fit_is_one_line(tmp_path, spoil,
+                                                                           reason):
+    """The key names say SD 1.x (check_model passes it in milliseconds); the tensors do not fit
+    its architecture. diffusers' ValueError (wrong shape), or torch's NotImplementedError (a
+    weight left on the meta device), becomes one line."""
+    from safetensors.torch import load_file, save_file
+
+    from train import UserError
+
+    pipe = build_builtin("tiny")
+    pipe.save_pretrained(tmp_path / "folder")
+    save_single_file(pipe, tmp_path / "good.safetensors", torch.float32)
+    tensors = load_file(tmp_path / "good.safetensors")
+    if spoil == "shape":
+        tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(3)
+    else:
+        del tensors["model.diffusion_model.out.2.weight"]
+    save_file(tensors, tmp_path / "bad.safetensors")
+    assert check_model(str(tmp_path / "bad.safetensors"), str(tmp_path / "folder")) == "sd1"
+    with pytest.raises(UserError) as refused:
+        load_pipeline(str(tmp_path / "bad.safetensors"), "cpu", str(tmp_path / "folder"))
+    assert f"does not fit the SD 1.x architecture its names claim ({reason})" in str(refused.value)

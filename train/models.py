@@ -61,11 +61,19 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
         family = families.get(kind)
         cls = getattr(diffusers, family.PIPELINE)
         options = dict(dtype=torch.float32, local_files_only=True, **family.LOAD_OPTIONS)
-        if Path(model).is_dir():
-            pipe = cls.from_pretrained(model, **options)
-        else:
-            pipe = _from_single_file(cls, Path(model), str(config_folder), options)
-        pipe.to(device)
+        try:
+            if Path(model).is_dir():
+                pipe = cls.from_pretrained(model, **options)
+            else:
+                pipe = _from_single_file(cls, Path(model), str(config_folder), options)
+            pipe.to(device)  # a tensor the file lacked is still on the meta device: fails here
+        except (ValueError, KeyError, NotImplementedError, SafetensorError) as e:
+            # Names that pass check_model, contents that do not fit: wrong shapes, missing parts.
+            reason = ("some of its weights are missing" if isinstance(e, NotImplementedError)
+                      else str(e).split(". ")[0].replace("Cannot load  because ", "")[:200])
+            raise UserError(f"model {model!r} does not fit the {FAMILY_NAMES[kind]} architecture "
+                            f"its names claim ({reason}): pass a full checkpoint or folder of the "
+                            f"base model's architecture") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
