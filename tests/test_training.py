@@ -348,6 +348,11 @@ def test_two_concepts_in_one_archive(tmp_path):
     ('[{"instance_data": "dog", "num_class_images": -1}]', "num_class_images must be a whole"),
     ('[{"instance_data": "dog", "class_data": {}}]', "class_data must name a folder"),
     ("[" * 100000, "concepts is not valid JSON"),
+    # Unbounded work: each concept reads its folder of the archive, each class image is drawn.
+    ("[" + ",".join(['{"instance_data": "dog"}'] * 10000) + "]",
+     "concepts lists 10000 subjects; at most 100 train in one run"),
+    ("[" + ",".join(['{"instance_data": "dog", "num_class_images": 2000}'] * 6) + "]",
+     "concepts ask for 12000 class images in all; at most 10000"),
 ])
 def test_bad_concepts_are_explained(concepts, message):
     from train import UserError

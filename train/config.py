@@ -35,6 +35,7 @@ SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
 # Learning rates when none is given: full fine-tuning moves every weight a little, a LoRA's
 # few weights need steps about 100 times larger.
 FULL_LR, LORA_LR = 1e-6, 1e-4
+MAX_CLASS_IMAGES = 10000  # for a run: num_class_images, or all its concepts' together
 # Where script/download-weights --eval puts the evaluation's feature models.
 DEFAULT_DINO, DEFAULT_CLIP = "weights/dino-vits16", "weights/clip-vit-base-patch32"
 POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
@@ -69,7 +70,7 @@ class TrainConfig:
               "are generated")
     num_class_images: int = setting(
         50, "Class images for prior preservation; those missing from class_data are generated "
-            "by the base model", ge=0, le=10000)
+            "by the base model", ge=0, le=MAX_CLASS_IMAGES)
     with_prior_preservation: bool = setting(
         True, "Also train on class images so the model keeps its idea of the class")
     prior_loss_weight: float = setting(
@@ -258,6 +259,9 @@ class TrainConfig:
     max_image_megapixels: int = setting(
         100, "Largest image accepted, in megapixels (read from its header, before decoding)",
         ge=1, le=170, cog=False)  # Pillow itself refuses more than 179 Mpx
+    max_concepts: int = setting(
+        100, "Most subjects one run may train (concepts); each reads its folder of the archive",
+        ge=1, le=10000, cog=False)
     model: str = setting(
         "weights", "Base model: a diffusers folder, a single-file .safetensors checkpoint (its "
                    "configs and tokenizer come from weights/), a built-in name (tiny, "
@@ -383,6 +387,9 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
     if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
         raise UserError('concepts must be a JSON list of objects, e.g. [{"instance_prompt": '
                         '"a photo of sks dog", "instance_data": "dog"}]')
+    if len(items) > config.max_concepts:
+        raise UserError(f"concepts lists {len(items)} subjects; at most {config.max_concepts} "
+                        f"train in one run (max_concepts): split them over several runs")
     concepts = []
     for n, item in enumerate(items, 1):
         unknown = sorted(set(item) - CONCEPT_KEYS)
@@ -407,12 +414,17 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
             raise UserError(f"concept {n}: instance_prompt must be non-empty text")
         if class_prompt is not None and not isinstance(class_prompt, str):
             raise UserError(f"concept {n}: class_prompt must be text")
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10000:
+        if isinstance(count, bool) or not isinstance(count, int) or \
+                not 0 <= count <= MAX_CLASS_IMAGES:
             raise UserError(f"concept {n}: num_class_images must be a whole number from 0 to "
-                            f"10000")
+                            f"{MAX_CLASS_IMAGES}")
         concepts.append(Concept(prompt, class_prompt, _folder(folder),
                                 None if class_folder is None else _folder(str(class_folder)),
                                 count))
+    wanted = sum(c.num_class_images for c in concepts)
+    if wanted > MAX_CLASS_IMAGES:
+        raise UserError(f"concepts ask for {wanted} class images in all; at most "
+                        f"{MAX_CLASS_IMAGES} (as num_class_images alone): ask fewer per concept")
     return concepts
 
 
