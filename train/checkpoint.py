@@ -158,9 +158,10 @@ def _tar_files(path: Path, config: TrainConfig) -> dict:
                     advice="resume from a checkpoint tarball this trainer wrote")
     files = {}
     for member, stream in tar_members(path, "resume", limits):
-        if unsafe_path(member.name) or not member.isfile():
-            what = ("a link" if member.issym() or member.islnk() else "a path outside its folder"
-                    if unsafe_path(member.name) else "something not a file")
+        what = ("a link" if member.issym() or member.islnk() else
+                "a path outside its folder" if unsafe_path(member.name) else
+                None if member.isfile() else "something not a file")
+        if what:
             raise UserError(f"resume: {path.name} holds {what} ({member.name!r}); a checkpoint "
                             f"tarball holds one folder of files, as this trainer writes it")
         files[member.name] = (member, stream)

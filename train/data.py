@@ -221,8 +221,8 @@ def draw_batch(data: TrainingData, pending: list, generator: torch.Generator, *,
     epoch when empty), with each row's view drawn (mirrored with probability `flip_p`).
     Several processes draw the same global batch of batch_size x processes pairs; each takes
     its slice of the instance rows and of the class rows."""
-    shapes = [tuple(m.shape) for m in data.inst_mean]
-    if not pending:
+    if not pending:  # a new epoch; with aspect buckets, a batch holds one latent shape
+        shapes = [tuple(m.shape) for m in data.inst_mean]
         pending += epoch_batches(data.pairs, batch_size * processes, generator,
                                  shapes if len(set(shapes)) > 1 else None, fill=processes > 1)
     inst, cls = (torch.tensor(ix, dtype=torch.long) for ix in pending.pop(0))

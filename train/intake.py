@@ -254,9 +254,7 @@ def looks_like_tar(path: Path) -> bool:
     """Whether a file starts as a tar archive does (plain, or gzip/bz2/xz-compressed), from its
     first (decompressed) header block alone: tarfile.is_tarfile reads the whole file to decide,
     over a minute for 512 MiB of zeros, which it then takes for an empty tar."""
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    opener = next((cls for m, cls in TAR_MAGIC.items() if magic.startswith(m)), None)
+    opener = _decompressor(path)
     try:
         with (opener(path) if opener else open(path, "rb")) as f:
             block = f.read(512)
@@ -349,6 +347,13 @@ def unsafe_path(name: str) -> bool:
 
 
 TAR_MAGIC = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+
+def _decompressor(path: Path):
+    """The file class that decompresses `path` (gzip, bz2, xz, by its first bytes), or None."""
+    with path.open("rb") as file:
+        head = file.read(6)
+    return next((cls for magic, cls in TAR_MAGIC.items() if head.startswith(magic)), None)
 MAX_HEADER_BYTES = 1 << 20  # long-name and pax headers are a few hundred bytes in real archives
 
 
@@ -357,9 +362,7 @@ def _plain_tar(path: Path, role: str, limits: Limits):
     a bomb stops at the size limit and members can then be read in any order without
     re-decompressing. Headers are walked before tarfile parses them: tarfile would hold a
     gigabyte "long name" in memory."""
-    with path.open("rb") as file:
-        head = file.read(6)
-    opener = next((o for magic, o in TAR_MAGIC.items() if head.startswith(magic)), None)
+    opener = _decompressor(path)
     if opener is None:
         plain = path.open("rb")
     else:

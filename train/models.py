@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from . import families
 from .errors import UserError
 from .families import BUILTINS, FAMILY_NAMES, PIPELINES
+from .intake import input_path
 from .single_file import checkpoint_family
 
 TOKENIZER_WORDS = (
@@ -101,9 +102,7 @@ def check_model(model: str, config_folder: str | None = None) -> str:
             f"model {model!r} not found: run script/download-weights to fetch Stable "
             f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
             f"or a built-in name ({', '.join([*BUILTINS, *SHIPPED])})")
-    if not (path.is_dir() or path.is_file()):  # a FIFO would hang whatever opened it
-        raise UserError(f"model {model!r} is not a file or a folder (it is a FIFO, a device or a "
-                        f"socket): pass a diffusers folder or a .safetensors checkpoint")
+    input_path(model, "model", "a diffusers folder or a .safetensors checkpoint")  # no FIFO
     if path.is_dir():
         return _folder_family(path, "model")
     if path.suffix.lower() in PICKLE_SUFFIXES:
