@@ -21,7 +21,6 @@ URL) is refused with one line, without looking at what it names: see client_file
 """
 
 import os
-import shutil
 import stat
 import tempfile
 from typing import Optional
@@ -32,8 +31,8 @@ import train
 from train.cli import to_argv
 from train.config import field_type, fields
 from train.distributed import cuda_available, launch, process_count
+from train.cleanup import remove, remove_leftovers
 from train.models import check_model
-from train.recipe import remove_leftovers
 
 SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
@@ -277,7 +276,7 @@ class Predictor(BasePredictor):
         # Only the latest output is kept: Cog has delivered the previous one by now (inlined in
         # the response or PUT to the upload URL), so disk use stays at one tarball. A canceled
         # run leaves nothing else: train.run removes its work folder on any exit.
-        shutil.rmtree(self.outputs, ignore_errors=True)
+        remove(self.outputs)
         os.makedirs(self.outputs)
         output = os.path.join(self.outputs, "dreambooth-weights.tar")
         config = train.TrainConfig(**inputs, **self.features, model=self.model, output=output)

@@ -360,6 +360,15 @@ def test_caption_edge_cases_found_in_review(tmp_path):
     assert skipped == []
 
 
+def test_a_caption_file_too_large_to_be_a_caption_skips_its_image(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {"a.jpg": image_bytes(), "a.txt": b"S " * (40 << 10),
+                                            "b.jpg": image_bytes(), "b.txt": b"S " * (30 << 10)})
+    examples, skipped = read(archive)
+    assert [e.file for e in examples] == ["b.jpg"] and len(examples[0].caption) == (60 << 10) - 1
+    assert skipped == [{"file": "a.jpg", "reason": "its caption file a.txt holds 81920 bytes; "
+                                                   "a caption is at most 64 KiB of text"}]
+
+
 def test_damaged_caption_file_keeps_the_default_caption(tmp_path):
     archive = make_zip(tmp_path / "a.zip", {"a.jpg": image_bytes(), "a.txt": b"my caption" * 50})
     data = bytearray(archive.read_bytes())

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cleanup import remove
 from .config import TrainConfig, effective_lr
 from .errors import UserError
 from .intake import Example, Limits, input_path, looks_like_tar, tar_members, unsafe_path
@@ -73,27 +74,31 @@ def save(root: Path, *, state: LoopState, trainable: dict, optimizer, lr_schedul
     `files` are extra files by relative path (class images, samples)."""
     final = root / f"step-{state.step:06d}"
     partial = root / f"step-{state.step:06d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file({name: p.detach().float().cpu().contiguous() for name, p in trainable.items()},
-              partial / "trainable.safetensors")
-    if ema is not None:
-        save_file({name: t.cpu().contiguous() for name, t in ema.items()},
-                  partial / "ema.safetensors")
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), partial / "scheduler.pt")
-    torch.save(state.generator.get_state(), partial / "generator.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), partial / "scaler.pt")
-    for name, payload in files.items():
-        (partial / name).parent.mkdir(parents=True, exist_ok=True)
-        (partial / name).write_bytes(payload)
-    meta = {"step": state.step, "pending": state.pending, "history": state.history,
-            "elapsed": state.elapsed, "data_key": key, "config": config.to_dict(),
-            "processes": processes}
-    (partial / "state.json").write_text(json.dumps(meta) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    remove(partial)  # from a run killed while saving
+    try:
+        partial.mkdir(parents=True)
+        save_file({name: p.detach().float().cpu().contiguous() for name, p in trainable.items()},
+                  partial / "trainable.safetensors")
+        if ema is not None:
+            save_file({name: t.cpu().contiguous() for name, t in ema.items()},
+                      partial / "ema.safetensors")
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), partial / "scheduler.pt")
+        torch.save(state.generator.get_state(), partial / "generator.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), partial / "scaler.pt")
+        for name, payload in files.items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            (partial / name).write_bytes(payload)
+        meta = {"step": state.step, "pending": state.pending, "history": state.history,
+                "elapsed": state.elapsed, "data_key": key, "config": config.to_dict(),
+                "processes": processes}
+        (partial / "state.json").write_text(json.dumps(meta) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    except BaseException:  # a full disk, Ctrl-C, a cancel: a finished checkpoint or none
+        remove(partial)
+        raise
     for old in complete(root)[:-limit] if limit else []:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob("step-*.partial"):  # from a run killed while saving

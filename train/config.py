@@ -39,6 +39,12 @@ MAX_CLASS_IMAGES = 10000  # for a run: num_class_images, or all its concepts' to
 # Where script/download-weights --eval puts the evaluation's feature models.
 DEFAULT_DINO, DEFAULT_CLIP = "weights/dino-vits16", "weights/clip-vit-base-patch32"
 POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
+# Text the user sends is bounded before anything parses it: any text setting (a path, the
+# concepts JSON, eval_prompts) at most MAX_TEXT_CHARS, a prompt at most MAX_PROMPT_CHARS (the
+# text encoders read 77 tokens, about 300 characters), eval_prompts at most MAX_EVAL_PROMPTS
+# prompts (each renders eval_images_per_prompt images).
+MAX_TEXT_CHARS, MAX_PROMPT_CHARS, MAX_EVAL_PROMPTS = 1 << 20, 1000, 200
+PROMPTS = ("instance_prompt", "class_prompt", "save_sample_prompt", "save_sample_negative_prompt")
 
 
 def effective_lr(learning_rate: float | None, use_lora: bool) -> float:
@@ -285,6 +291,19 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+                raise UserError(f"{f.name} is {len(value)} characters long; at most "
+                                f"{MAX_TEXT_CHARS} are read")
+        for name in PROMPTS:
+            check_prompt(name, getattr(self, name))
+        prompts = self.eval_prompt_list() or []
+        if len(prompts) > MAX_EVAL_PROMPTS:
+            raise UserError(f"eval_prompts holds {len(prompts)} prompts; at most "
+                            f"{MAX_EVAL_PROMPTS} (the paper uses 25)")
+        for n, prompt in enumerate(prompts, 1):
+            check_prompt(f"eval_prompts line {n}", prompt)
         if not self.instance_data:
             raise UserError("instance_data is required: a ZIP (or folder) of 3-20 photos of the "
                             "subject")
@@ -414,6 +433,8 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
             raise UserError(f"concept {n}: instance_prompt must be non-empty text")
         if class_prompt is not None and not isinstance(class_prompt, str):
             raise UserError(f"concept {n}: class_prompt must be text")
+        check_prompt(f"concept {n}: instance_prompt", prompt)
+        check_prompt(f"concept {n}: class_prompt", class_prompt)
         if isinstance(count, bool) or not isinstance(count, int) or \
                 not 0 <= count <= MAX_CLASS_IMAGES:
             raise UserError(f"concept {n}: num_class_images must be a whole number from 0 to "
@@ -426,6 +447,13 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
         raise UserError(f"concepts ask for {wanted} class images in all; at most "
                         f"{MAX_CLASS_IMAGES} (as num_class_images alone): ask fewer per concept")
     return concepts
+
+
+def check_prompt(name: str, prompt: str | None) -> None:
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"{name} is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} "
+                        f"(the text encoder reads only its first 77 tokens, about 300 "
+                        f"characters)")
 
 
 def _folder(name: str) -> str:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import families, lora
+from .cleanup import remove
 from .single_file import save_single_file
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow",
@@ -109,7 +110,7 @@ def write_tar(folder: Path, output: Path) -> int:
                 tar.add(path, arcname=path.name)
         os.replace(partial, output)
     except BaseException:  # a full disk, Ctrl-C, a cancel: a finished tarball or none
-        partial.unlink(missing_ok=True)
+        remove(partial)
         raise
     return output.stat().st_size
 

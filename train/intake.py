@@ -134,7 +134,10 @@ def read_images(source: str | Path, role: str, caption: str, resolution: int,
             here, group = _folder_words(name, folder, words)
             if group is not None:
                 example.caption = group
-        own = _caption_of(name, sidecars, readers)
+        own, reason = _caption_of(name, sidecars, readers)
+        if reason:
+            skipped.append({"file": name, "reason": reason})
+            continue
         if own:
             example.caption = _substitute(own, here)
         example.concept = concept
@@ -156,6 +159,7 @@ def prompt_words(instance_prompt: str, class_prompt: str | None) -> tuple[str, s
 
 
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_BYTES = 64 << 10  # a caption is a line of text; more is not a caption
 
 
 def _sidecars(entries) -> dict[str, str]:
@@ -175,17 +179,22 @@ def _sidecars(entries) -> dict[str, str]:
     return found
 
 
-def _caption_of(name: str, sidecars: dict[str, str], readers: dict) -> str | None:
+def _caption_of(name: str, sidecars: dict[str, str], readers: dict) -> tuple[str | None,
+                                                                             str | None]:
+    """(the caption an image's archive gives it or None, the reason to skip the image or None)."""
     if name in sidecars:
         try:
-            text = readers[sidecars[name]]()[:64 << 10].decode("utf-8", errors="replace")
+            data = readers[sidecars[name]]()
         except UNREADABLE:
-            return None  # a damaged caption file: the image keeps the default caption
-        return " ".join(text.split()) or None
+            return None, None  # a damaged caption file: the image keeps the default caption
+        if len(data) > MAX_CAPTION_BYTES:
+            return None, (f"its caption file {sidecars[name]} holds {len(data)} bytes; a caption "
+                          f"is at most {MAX_CAPTION_BYTES >> 10} KiB of text")
+        return " ".join(data.decode("utf-8", errors="replace").split()) or None, None
     stem = PurePosixPath(name).stem
     if "@" in stem:
-        return " ".join(stem.split("@", 1)[1].split()) or None
-    return None
+        return " ".join(stem.split("@", 1)[1].split()) or None, None
+    return None, None
 
 
 def _folder_words(name: str, folder: str, words: tuple[str, str]):

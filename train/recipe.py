@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from types import ModuleType
 import torch
 
 from . import checkpoint, distributed, families
+from .cleanup import remove, remove_leftovers
 from .config import Concept, TrainConfig, concepts_of
 from .data import TrainingData, prepare
 from .distributed import rank_and_size
@@ -101,7 +101,7 @@ def run(config: TrainConfig, log=print) -> Path:
         raise
     finally:
         if work:
-            shutil.rmtree(work, ignore_errors=True)
+            remove(work)  # even when a second interruption arrives meanwhile
         distributed.finish()
 
 
@@ -496,29 +496,6 @@ class Timings:
 
 def _silent(_line: str) -> None:
     """The log of every process but rank 0."""
-
-
-def remove_leftovers(folder: str) -> list[str]:
-    """Remove the work and output folders (dreambooth-PID-*, dreambooth-out-PID-*) that processes
-    no longer running left in `folder`: a process killed outright (SIGKILL, a lost machine)
-    cleans up nothing, and an SD 1.5 output holds a 2 GB tarball. Returns the names removed."""
-    removed = []
-    for path in Path(folder).glob("dreambooth-*"):
-        match = re.fullmatch(r"dreambooth-(?:out-)?(\d+)-\w+", path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match[1])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 def check_writable(output: str, work_dir: str | None) -> None:
