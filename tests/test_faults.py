@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -92,3 +94,31 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, photos_zip, monkeypa
     assert left == expected, lines  # whole checkpoints only: no step-*.partial
     for name in left:
         assert (checkpoints / name / "state.json").is_file()
+
+
+def test_sigterm_twice_on_the_command_line_is_one_line_and_leaves_nothing(tmp_path, photos_zip,
+                                                                          venv_env):
+    """`kill` (or docker stop, or torchrun stopping a failed run) twice while training: exit
+    status 130, `error: interrupted` and nothing else on stderr, nothing left on disk."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--model", "tiny", "--instance-data", str(photos_zip), "--instance-prompt",
+            "a photo of sks ball", "--with-prior-preservation", "false", "--resolution", "64",
+            "--max-train-steps", "100000", "--log-every", "1", "--work-dir", str(work),
+            "--output", str(out / "model.tar")]
+    child = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=tmp_path,
+                             env=dict(venv_env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in child.stdout:  # ends if the process dies early
+            seen.append(line)
+            if line.startswith("step 2/"):
+                break
+        assert list(work.iterdir()), "".join(seen)  # the work folder is there, training
+        child.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and stderr == "error: interrupted\n", stderr
+    assert list(work.iterdir()) == [] and not out.exists()

@@ -54,6 +54,9 @@ def exit_status(work) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):  # cleaned up: the next one has
+                signal.signal(number, signal.SIG_IGN)       # nothing left to interrupt
         if say:
             print("error: interrupted", file=sys.stderr)
         return 130
