@@ -15,14 +15,18 @@ folder or a built-in name such as `tiny`). With more than one GPU visible (or NU
 it trains on one process per GPU through torchrun (train/distributed.py). The `evaluate` input scores with the feature models
 script/download-weights --eval puts in weights/, or those EVAL_DINO and EVAL_CLIP name.
 
-A file input is taken only as the client sent it: a URL or a data: URI, which Cog fetches into a
-file of its own before predict() runs. Anything else (a path on the server, a folder, a file://
+A file input is taken only as the client sent it: a data: URI, or an http(s) URL that predict()
+downloads itself, within MAX_DOWNLOAD_MIB and DOWNLOAD_TIMEOUT (environment variables of the
+server), stopped at once by a cancel. Anything else (a path on the server, a folder, a file://
 URL) is refused with one line, without looking at what it names: see client_file below.
 """
 
 import os
+import shutil
 import stat
 import tempfile
+import time
+import urllib.parse
 from typing import Optional
 
 from cog import BasePredictor, Input, Path, URLPath
@@ -30,6 +34,7 @@ from cog import BasePredictor, Input, Path, URLPath
 import train
 from train.cli import to_argv
 from train.config import field_type, fields
+from train.download import fetch
 from train.distributed import cuda_available, launch, process_count
 from train.cleanup import remove, remove_leftovers
 from train.models import check_model
@@ -38,33 +43,70 @@ SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
 FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
 
-# The files Cog fetched for the prediction under way. Cog (coglet) hands predict() a URL or data:
-# URI as the Path that URLPath.convert returned, in this process, after writing the download to
-# a temp file; it hands over any other string as it came, so a client could name a file of the
-# server. Keeping the very objects Cog made lets predict() tell the two apart without opening,
-# or even stat()ing, anything the client named; a Cog that stopped calling convert would fail
-# closed (every file refused), not open.
-_fetched: list[Path] = []
-_cog_convert = URLPath.convert
+# The file inputs of the prediction under way: (the Path convert returned, the URL to download
+# into it, or None once it holds the file). Cog (coglet) hands predict() a URL or data: URI as
+# the Path that URLPath.convert returned, in this process; it hands over any other string as it
+# came, so a client could name a file of the server. Keeping the very objects convert made lets
+# predict() tell the two apart without opening, or even stat()ing, anything the client named;
+# a Cog that stopped calling convert would fail closed (every file refused), not open.
+_fetched: list[tuple[Path, Optional[str]]] = []
+# Where they are put: a folder of this process (remove_leftovers knows its name), emptied after
+# every prediction whatever Cog does with its own copies.
+_inputs = Path(tempfile.gettempdir()) / f"dreambooth-in-{os.getpid()}-files"
+# Bounds on a download (Cog's own has none), set in the server's environment.
+MAX_DOWNLOAD_MIB = int(os.environ.get("MAX_DOWNLOAD_MIB", 64 << 10))
+DOWNLOAD_TIMEOUT = float(os.environ.get("DOWNLOAD_TIMEOUT", 3600))
 
 
-def _convert_and_keep(self: URLPath) -> Path:
-    path = _cog_convert(self)
-    _fetched.append(path)
-    return path
+def _convert(self: URLPath) -> Path:
+    """Cog's URLPath.convert, which downloads before predict() starts, in a thread a cancel
+    never reaches, with no deadline or size limit. Here a data: URI (decoded by Cog already) is
+    copied out at once, and an http(s) URL only noted: predict() downloads it (client_file)."""
+    if self._path is None:
+        _inputs.mkdir(mode=0o700, exist_ok=True)
+        if _inputs.is_symlink() or _inputs.stat().st_uid != os.getuid():
+            raise RuntimeError(f"{_inputs} is not this server's folder")
+        # Under the name the client gave it (the URL's, or file.zip for a data: URI), so that
+        # errors name the file the client knows; a folder of its own keeps names apart.
+        folder = tempfile.mkdtemp(dir=_inputs)
+        name = os.path.join(folder, self.filename if self.filename.strip(".") else "file")
+        url = self.source if urllib.parse.urlsplit(self.source).scheme in ("http",
+                                                                         "https") else None
+        try:
+            with open(name, "xb") as dest:
+                if url is None:
+                    shutil.copyfileobj(self.fileobj, dest)
+        except BaseException:
+            remove(folder)
+            raise
+        self._path = Path(name)
+        _fetched.append((self._path, url))
+    return self._path
 
 
-URLPath.convert = _convert_and_keep
+URLPath.convert = _convert
 
 
 def client_file(name: str, value) -> Optional[str]:
-    """The local path of file input `name` if Cog fetched it from the client for this prediction;
-    a UserError, the same whatever `value` names on the server, for anything else."""
+    """The local path of file input `name` if it came from the client for this prediction,
+    downloaded now if it is a URL (bounded, and a cancel stops it); a UserError, the same
+    whatever `value` names on the server, for anything else."""
     if value is None:
         return None
-    if not any(value is path for path in _fetched) or not stat.S_ISREG(os.lstat(value).st_mode):
+    urls = [url for path, url in _fetched if value is path]
+    if not urls or not stat.S_ISREG(os.lstat(value).st_mode):
         raise train.UserError(f"{name}: send the file itself, as an http(s) URL or a data: URI; "
                               "the server does not read files by their path on the server")
+    if urls[0]:
+        print(f"{name}: downloading from {urllib.parse.urlsplit(urls[0]).hostname}", flush=True)
+        started = time.monotonic()
+        try:
+            size = fetch(urls[0], value, log=lambda line: print(f"{name}: {line}", flush=True),
+                         max_bytes=MAX_DOWNLOAD_MIB << 20,
+                         timeout=DOWNLOAD_TIMEOUT, user_agent=os.environ.get("COG_USER_AGENT"))
+        except train.UserError as e:
+            raise train.UserError(f"{name}: {e}") from None
+        print(f"{name}: downloaded {size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s")
     return str(value)
 
 
@@ -263,10 +305,15 @@ class Predictor(BasePredictor):
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
         inputs = {name: value for name, value in locals().items() if name in SETTINGS}
         try:
-            for name in FILES:
-                inputs[name] = client_file(name, inputs[name])
+            return self.train(inputs)
         finally:
-            _fetched.clear()  # Cog deletes them once the prediction ends
+            for path in _inputs.glob("*"):  # the inputs, and any a failed or canceled
+                remove(path)                # prediction before this one left
+            _fetched.clear()
+
+    def train(self, inputs: dict) -> Path:
+        for name in FILES:
+            inputs[name] = client_file(name, inputs[name])
         for name, value in inputs.items():
             # JSON has one number type: 3.0 passes the schema's "integer" (JSON Schema counts
             # it as one) and arrives as a float, which TrainConfig would refuse as not whole.

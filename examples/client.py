@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import difflib
 import json
 import queue
 import sys
@@ -79,6 +80,21 @@ def save_output(output: str, dest: Path) -> None:
                 f.write(chunk)
 
 
+def unknown_inputs(server: str, inputs: dict) -> str | None:
+    """What is wrong with the input names, or None: Cog's server drops a name it does not know
+    (the setting keeps its default), so check them against its schema before sending."""
+    response = requests.get(f"{server}/openapi.json", timeout=60)
+    if response.status_code != 200:
+        return None  # a server without a schema validates nothing; nothing to compare with
+    known = response.json()["components"]["schemas"]["Input"]["properties"]
+    for name in inputs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            return (f"{name} is not an input of this server" +
+                    (f"; did you mean {close[0]}?" if close else " (see /openapi.json)"))
+    return None
+
+
 def train(args) -> int:
     hooks, events = receive_webhooks(args.webhook_host, args.webhook_port)
     public = args.public_url or f"http://{args.webhook_host}:{hooks.server_address[1]}"
@@ -88,6 +104,10 @@ def train(args) -> int:
     for item in args.input:
         name, _, value = item.partition("=")
         inputs[name] = file_input(value[1:]) if value.startswith("@") else parse_value(value)
+    unknown = unknown_inputs(args.server, inputs)
+    if unknown:
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
     prediction_id = uuid.uuid4().hex  # chosen here, so Ctrl-C can cancel it by name
     response = requests.put(
         f"{args.server}/predictions/{prediction_id}", timeout=60,

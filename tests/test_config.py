@@ -89,7 +89,8 @@ def test_cli_booleans_take_a_value():
     (dict(instance_prompt="a photo of sks dog " * 100), "instance_prompt is 1900 characters long; "
                                                         "at most 1000"),
     (dict(save_sample_negative_prompt="x" * 1001), "save_sample_negative_prompt is 1001"),
-    (dict(eval_prompts="a photo of sks dog\n" * 201), "eval_prompts holds 201 prompts; at most 200"),
+    (dict(eval_prompts="a photo of sks dog\n" * 201),
+     "eval_prompts holds 201 prompts; at most 200"),
     (dict(eval_prompts="ok\n" + "x" * 1001), "eval_prompts line 2 is 1001 characters long"),
     (dict(concepts="[" * (2 << 20)), "concepts is 2097152 characters long; at most 1048576"),
     (dict(concepts='[{"instance_data": "a", "class_prompt": "%s"}]' % ("y" * 2000)),

@@ -29,9 +29,19 @@ from train import TrainConfig, run
 
 
 def interrupt() -> None:
-    """Deliver SIGINT to this process, as Ctrl-C would: Python raises KeyboardInterrupt in the
-    main thread at its next instruction, which is in the phase that called this."""
-    os.kill(os.getpid(), signal.SIGINT)
+    """Deliver SIGINT to this thread, as Ctrl-C would: Python raises KeyboardInterrupt in the
+    main thread at its next instruction, which is in the phase that called this. (raise(3), not
+    kill(2): a signal sent to the process may be taken by any of its threads that does not
+    block it, and handled only later.)"""
+    signal.raise_signal(signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """SIGINT as a command line sees it, whatever earlier tests in this process installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_on_call(monkeypatch, owner, name: str, call: int = 1) -> None:

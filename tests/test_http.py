@@ -105,6 +105,68 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def trickle(handler):
+    """1,000,000 bytes announced, one sent every 0.2 s: past any deadline."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000000")
+    handler.end_headers()
+    for _ in range(600):
+        handler.wfile.write(b"\0")
+        handler.wfile.flush()
+        time.sleep(0.2)
+
+
+def stall(handler):
+    """Headers, then silence."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000000")
+    handler.end_headers()
+    handler.wfile.flush()
+    time.sleep(120)
+
+
+def huge(handler):
+    """A 2 GiB file, announced (and never sent)."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(2 << 30))
+    handler.end_headers()
+
+
+def endless(handler):
+    """Zeros without end, chunked: no length to refuse it by."""
+    handler.protocol_version = "HTTP/1.1"
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    chunk = b"\0" * (1 << 20)
+    for _ in range(1 << 12):
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+
+def broken(handler):
+    """1,000,000 bytes announced, 1,000 sent, then the connection closed."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000000")
+    handler.end_headers()
+    handler.wfile.write(b"\0" * 1000)
+    handler.close_connection = True
+
+
+def to_ftp(handler):
+    """A redirect to ftp:, which urllib would follow (it refuses file: itself)."""
+    handler.send_response(302)
+    handler.send_header("Location", "ftp://127.0.0.1/x.zip")
+    handler.end_headers()
+
+
+def missing(handler):
+    handler.send_error(404)
+
+
+HOSTILE_SENDERS = {f.__name__: f for f in (trickle, stall, huge, endless, broken, to_ftp,
+                                            missing)}
+
+
 class Loopback:
     """A real HTTP server on 127.0.0.1 playing the other side of the API: it serves files
     (GET /files/NAME from `folder`), receives webhooks (POST /hook: JSON bodies kept in
@@ -114,12 +176,19 @@ class Loopback:
     def __init__(self, folder: Path):
         self.folder = folder
         self.events: list[dict] = []
+        self.requests: list[str] = []  # the paths of GET requests, in order
         self.uploads: dict[str, dict] = {}
         (folder / "uploads").mkdir(parents=True, exist_ok=True)
         loopback = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                kind = self.path.split("/")[1]
+                loopback.requests.append(self.path)
+                if kind in HOSTILE_SENDERS:
+                    with contextlib.suppress(OSError):  # the client hung up: as it should
+                        HOSTILE_SENDERS[kind](self)
+                    return
                 path = loopback.folder / self.path.removeprefix("/files/")
                 if not self.path.startswith("/files/") or not path.is_file():
                     self.send_error(404)
@@ -178,7 +247,7 @@ class Server:
     tiny, its own TMPDIR (where inputs are downloaded and the work and output folders go)."""
 
     def __init__(self, scratch: Path, log: Path, *args: str, predictor="predict.py:Predictor",
-                 cwd: Path = ROOT):
+                 cwd: Path = ROOT, env: dict | None = None):
         self.scratch = scratch
         self.log_path = log
         self.base = f"http://127.0.0.1:{free_port()}"
@@ -187,7 +256,7 @@ class Server:
         env = dict(os.environ, BASE_MODEL="tiny", COG_PREDICT_TYPE_STUB=predictor,
                    PORT=self.base.rsplit(":", 1)[1], TMPDIR=str(scratch), PYTHONPATH=str(ROOT),
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", **(env or {}))
         self.log = open(log, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args], cwd=cwd,
@@ -220,9 +289,16 @@ class Server:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) >> 20
 
     def work_folders(self) -> list[str]:
-        """train.run's work folders (dreambooth-XXXX); predict.py's output folder excluded."""
-        return [p.name for p in self.scratch.iterdir()
-                if p.name.startswith("dreambooth-") and not p.name.startswith("dreambooth-out-")]
+        """train.run's work folders (dreambooth-XXXX); predict.py's output and input folders
+        excluded."""
+        return [p.name for p in self.scratch.iterdir() if p.name.startswith("dreambooth-")
+                and not p.name.startswith(("dreambooth-out-", "dreambooth-in-"))]
+
+    def inputs(self) -> list[str]:
+        """The files in the temp folder or predict.py's input folder: the inputs it fetched
+        (and, were it Cog fetching them, Cog's temp files)."""
+        return [p.name for p in [*self.scratch.glob("dreambooth-in-*/*"),
+                                 *self.scratch.glob("tmp*")]]
 
     def stop(self):
         self.process.terminate()
@@ -246,7 +322,9 @@ def server(tmp_path_factory, photos):
     """One server for the module, warmed up: a worker's first training pays one-off costs
     (imports, first CPU kernels) that the tests' timings should not show."""
     scratch = tmp_path_factory.mktemp("server-tmp")
-    server = Server(scratch, scratch.parent / "server.log")
+    # Small bounds on downloads, so that the tests of them take seconds.
+    server = Server(scratch, scratch.parent / "server.log",
+                    env=dict(DOWNLOAD_TIMEOUT="5", MAX_DOWNLOAD_MIB="8"))
     try:
         status, result = server.predict(dict(TINY, instance_data=data_uri(photos)))
         assert status == 200 and result["status"] == "succeeded", result
@@ -303,6 +381,82 @@ def test_training_from_a_url(server, photos, loopback, tmp_path):
     record = read_training_json(untar_bytes(inlined(result["output"]), tmp_path / "out"))
     assert record["config"]["resolution"] == 64
     assert len(record["dataset"]["instance"]["used"]) == 4
+
+
+@pytest.mark.parametrize("sender, message", [
+    ("trickle", "the download from 127.0.0.1 took longer than the 5 s allowed (0 MiB arrived)"),
+    ("stall", "the download from 127.0.0.1 stalled: nothing arrived for 5 s"),
+    ("huge", "the file at 127.0.0.1 is 2048 MiB, over the 8 MiB a download may be"),
+    ("endless", "the download from 127.0.0.1 passed the 8 MiB a download may be"),
+    ("broken", "the download from 127.0.0.1 broke off after 1000 of 1000000 bytes"),
+    ("to_ftp", "redirected to ftp:, not http(s)"),
+    ("missing", "127.0.0.1 answered 404 Not Found"),
+])
+def test_a_hostile_download_fails_in_one_line_within_its_bounds(server, loopback, sender,
+                                                                 message):
+    """The server (its environment: DOWNLOAD_TIMEOUT 5 s, MAX_DOWNLOAD_MIB 8) downloads a URL
+    itself, within those bounds: one line naming the input and what went wrong, no partial file,
+    and the server ready for the next prediction."""
+    started = time.monotonic()
+    status, result = server.predict(dict(MINIMAL, instance_data=f"{loopback.url}/{sender}/x.zip"),
+                                    timeout=60)
+    assert status == 200 and result["status"] == "failed", result
+    assert result["error"].endswith(f"instance_data: {message}"), result["error"]
+    assert "\n" not in result["error"] and "Traceback" not in result["logs"]
+    assert time.monotonic() - started < 15
+    assert server.inputs() == [] and server.work_folders() == []
+    assert server.ready()
+
+
+def hostile_files(photos: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """One hostile file for each file input: (the file, what the one-line error says)."""
+    escaping = folder / "escaping.tar"
+    with tarfile.open(escaping, "w") as tar:
+        info = tarfile.TarInfo("../../outside.jpg")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\xff\xd8\xff\xe0"))
+    junk = folder / "junk.bin"
+    junk.write_bytes(os.urandom(4096))
+    return {"instance_data": (escaping, "outside"),
+            "class_data": (junk, "not a ZIP or tar archive"),
+            "resume": (junk, "resume: "),
+            "base_checkpoint": (junk, "base_checkpoint: file.zip is neither a diffusers folder "
+                                      "nor a .safetensors checkpoint")}
+
+
+@pytest.mark.parametrize("field", ["instance_data", "class_data", "resume", "base_checkpoint"])
+def test_a_hostile_file_fails_in_one_line_and_leaves_nothing(server, photos, tmp_path, field):
+    """Each file input, sent a hostile file over HTTP: one line naming the input, no traceback,
+    no input or work folder left in the server's temp folder, and the server ready."""
+    hostile, says = hostile_files(photos, tmp_path)[field]
+    inputs = dict(MINIMAL, instance_data=data_uri(photos)) | {field: data_uri(hostile)}
+    if field == "class_data":  # read only with prior preservation
+        inputs |= dict(with_prior_preservation=True, class_prompt="a photo of a ball",
+                       num_class_images=1)
+    status, result = server.predict(inputs, timeout=60)
+    assert status == 200 and result["status"] == "failed", result
+    error = result["error"]
+    assert f"{field}: " in error and says in error and "\n" not in error, error
+    assert "Traceback" not in result["logs"]
+    assert server.inputs() == [] and server.work_folders() == []
+    assert server.ready()
+
+
+def test_a_cancel_stops_a_download_at_once(server, loopback):
+    """Cog's own download ignores a cancel (the server stays BUSY until the sender stops, and
+    no final webhook comes); predict.py's stops within a second and removes the partial file."""
+    url = f"/trickle/{time.monotonic()}.zip"
+    running = server.start(dict(MINIMAL, instance_data=loopback.url + url),
+                           webhook=loopback.url + "/hook")
+    wait_for(lambda: url in loopback.requests, 30, "the download to start")
+    canceled = time.monotonic()
+    status, _ = call("POST", f"{server.base}/predictions/{running}/cancel", timeout=10)
+    assert status == 200, loopback.webhooks(running)
+    final = loopback.final(running, 10)
+    assert final["status"] == "canceled" and "instance_data: downloading" in final["logs"]
+    assert time.monotonic() - canceled < 3
+    wait_for(server.ready, 10, "the server to be READY again")
+    assert server.inputs() == []
 
 
 def test_async_training_reports_by_webhook(server, photos, loopback, tmp_path):
@@ -386,7 +540,7 @@ def test_a_second_prediction_while_one_trains_is_refused_with_409(server, photos
         assert loopback.final(busy, 60)["status"] == "canceled"
 
 
-def test_cancel_mid_training_cleans_up_and_the_next_prediction_runs(server, photos, loopback):
+def test_cancel_twice_mid_training_cleans_up_and_the_next_prediction_runs(server, photos, loopback):
     running = server.start(dict(TINY, instance_data=data_uri(photos), max_train_steps=100000),
                            webhook=loopback.url + "/hook")
 
@@ -398,7 +552,9 @@ def test_cancel_mid_training_cleans_up_and_the_next_prediction_runs(server, phot
         assert server.work_folders(), "the run's work folder should exist while it trains"
     finally:
         status, _ = call("POST", f"{server.base}/predictions/{running}/cancel", timeout=10)
-    assert status == 200
+        # A client that cancels twice: the second lands while the work folder is removed.
+        again, _ = call("POST", f"{server.base}/predictions/{running}/cancel", timeout=10)
+    assert status == 200 and again in (200, 404)  # 404: the prediction had already ended
     final = loopback.final(running, 60)
     assert final["status"] == "canceled" and not final.get("output")
     wait_for(lambda: server.work_folders() == [], 10, "the work folder to be removed")
@@ -419,6 +575,21 @@ def test_the_example_client_trains_and_fetches_the_weights(server, photos, tmp_p
     assert run.returncode == 0, run.stderr
     assert "step 2/2 (100%)" in run.stderr  # the logs, printed as the webhooks brought them
     assert read_training_json(untar(out, tmp_path / "out"))["config"]["resolution"] == 64
+
+
+def test_the_example_client_refuses_a_misspelled_input_the_server_would_drop(server, photos,
+                                                                             tmp_path):
+    """Cog's server drops an input name it does not know and trains with the default; the
+    client compares the names with the server's schema first, and sends nothing."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "client.py"), "--server", server.base,
+         "--photos", str(photos), "--instance-prompt", "a photo of sks ball",
+         "--out", str(tmp_path / "dog.tar"), "-i", "max_train_step=2"],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == ("error: max_train_step is not an input of this server; did you mean "
+                          "max_train_steps?\n")
+    assert server.ready()  # nothing was sent
 
 
 def files_under(folder: Path) -> dict[str, int]:

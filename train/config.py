@@ -355,13 +355,14 @@ class TrainConfig:
         """The learning rate before scale_lr: the user's, else the default for the method."""
         return effective_lr(self.learning_rate, self.use_lora)
 
-    def model_source(self) -> tuple[str, str | None]:
-        """(the model to load, the diffusers folder giving a single file its configs)."""
+    def model_source(self) -> tuple[str, str | None, str]:
+        """(the model to load, the diffusers folder giving a single file its configs, the
+        setting that names it)."""
         if self.base_checkpoint:
-            return self.base_checkpoint, self.model
+            return self.base_checkpoint, self.model, "base_checkpoint"
         if self.model.lower().endswith(".safetensors"):
-            return self.model, "weights"
-        return self.model, None
+            return self.model, "weights", "model"
+        return self.model, None, "model"
 
     def eval_prompt_list(self) -> list[str] | None:
         """The user's evaluation prompts (None: the paper's)."""

@@ -49,13 +49,15 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 SHIPPED = {"toy": Path(__file__).resolve().parent.parent / "toy" / "model"}
 
 
-def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None):
+def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None,
+                  what: str = "model"):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline in fp32 on `device`, safety checker
-    off, from local files only. `config_folder` is needed (and only used) for a single file."""
+    off, from local files only. `config_folder` is needed (and only used) for a single file;
+    `what` is the input that named the model, for the errors."""
     import diffusers
 
     model = str(SHIPPED.get(model, model))
-    kind = check_model(model, config_folder)
+    kind = check_model(model, config_folder, what)
     if model in BUILTINS:
         pipe = build_builtin(model, device)
     else:
@@ -72,9 +74,9 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
             # Names that pass check_model, contents that do not fit: wrong shapes, missing parts.
             reason = ("some of its weights are missing" if isinstance(e, NotImplementedError)
                       else str(e).split(". ")[0].replace("Cannot load  because ", "")[:200])
-            raise UserError(f"model {model!r} does not fit the {FAMILY_NAMES[kind]} architecture "
-                            f"its names claim ({reason}): pass a full checkpoint or folder of the "
-                            f"base model's architecture") from None
+            raise UserError(f"{named(model, what)} does not fit the {FAMILY_NAMES[kind]} "
+                            f"architecture its names claim ({reason}): pass a full checkpoint or "
+                            f"folder of the base model's architecture") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,9 +92,16 @@ def _from_single_file(cls, path: Path, config_folder: str, options: dict):
         return cls.from_single_file(str(named), config=config_folder, **options)
 
 
-def check_model(model: str, config_folder: str | None = None) -> str:
+def named(model: str, what: str) -> str:
+    """How errors name a model: by its path given as `model` on the command line; by the input
+    and the file's name for a base_checkpoint (over HTTP, a temp file of the server's)."""
+    return f"model {model!r}" if what == "model" else f"{what}: {Path(model).name}"
+
+
+def check_model(model: str, config_folder: str | None = None, what: str = "model") -> str:
     """Refuse a model that cannot load, in milliseconds and before any weights are read; return
-    its family ("sd1", "sd2" or "sdxl"). A single file is recognised by its key names alone."""
+    its family ("sd1", "sd2" or "sdxl"). A single file is recognised by its key names alone.
+    `what` is the input that named it, for the errors."""
     model = str(SHIPPED.get(model, model))
     if model in BUILTINS:
         return BUILTINS[model][0]
@@ -102,24 +111,24 @@ def check_model(model: str, config_folder: str | None = None) -> str:
             f"model {model!r} not found: run script/download-weights to fetch Stable "
             f"Diffusion 1.5 into weights/, or pass a diffusers folder, a .safetensors checkpoint "
             f"or a built-in name ({', '.join([*BUILTINS, *SHIPPED])})")
-    input_path(model, "model", "a diffusers folder or a .safetensors checkpoint")  # no FIFO
+    input_path(model, what, "a diffusers folder or a .safetensors checkpoint")  # no FIFO
     if path.is_dir():
         return _folder_family(path, "model")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(
-            f"model {model!r} is a pickle checkpoint, which is not loaded here (unpickling can "
-            f"run code): convert it to .safetensors, e.g. safetensors.torch.save_file("
+            f"{named(model, what)} is a pickle checkpoint, which is not loaded here (unpickling "
+            f"can run code): convert it to .safetensors, e.g. safetensors.torch.save_file("
             f"torch.load(path, weights_only=True)['state_dict'], 'model.safetensors')")
-    kind = _file_family(path)
+    kind = _file_family(path, named(model, what))
     if config_folder is None:
         raise UserError(
-            f"model {model!r} is a single-file {FAMILY_NAMES[kind]} checkpoint and needs a "
+            f"{named(model, what)} is a single-file {FAMILY_NAMES[kind]} checkpoint and needs a "
             f"config folder: pass a diffusers folder of the same family (e.g. weights/ as "
             f"script/download-weights fills it) for its configs and tokenizer")
     folder_kind = _folder_family(Path(config_folder), "config folder")
     if folder_kind != kind:
         raise UserError(
-            f"model {model!r} is an {FAMILY_NAMES[kind]} checkpoint but config folder "
+            f"{named(model, what)} is an {FAMILY_NAMES[kind]} checkpoint but config folder "
             f"{str(config_folder)!r} is {FAMILY_NAMES[folder_kind]}: pass a config folder of the "
             f"same family")
     return kind
@@ -152,19 +161,19 @@ def _read_json(path: Path, what: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _file_family(path: Path) -> str:
+def _file_family(path: Path, name: str) -> str:
     """The family of a single-file checkpoint, from its key names (no tensor is read)."""
     try:  # by content, not name: an upload (Cog's base_checkpoint) may have lost its suffix
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError) as e:
         if path.suffix.lower() != ".safetensors":
-            raise UserError(f"model {str(path)!r} is neither a diffusers folder nor a "
+            raise UserError(f"{name} is neither a diffusers folder nor a "
                             f".safetensors checkpoint") from None
-        raise UserError(f"model {str(path)!r} is not a readable .safetensors file ({e})") from None
+        raise UserError(f"{name} is not a readable .safetensors file ({e})") from None
     kind = checkpoint_family(keys)
     if kind is None:
-        raise UserError(f"model {str(path)!r} is not a Stable Diffusion checkpoint (no SD 1.x, "
+        raise UserError(f"{name} is not a Stable Diffusion checkpoint (no SD 1.x, "
                         f"2.x or XL UNet and text encoder keys): pass a full SD checkpoint, a "
                         f"diffusers folder or a built-in name")
     return kind

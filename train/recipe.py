@@ -207,9 +207,9 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=unused)])
     mode = "fp32" if precision == "no" else f"{precision} mixed precision"
-    source, model_config = config.model_source()
+    source, model_config, what = config.model_source()
     log(f"model: loading {source} on {accelerator.device} ({mode})")
-    pipe = load_pipeline(source, accelerator.device, model_config)
+    pipe = load_pipeline(source, accelerator.device, model_config, what)
     resumed = checkpoint.materialize(config.resume, work, config) if config.resume else None
     return Model(pipe, family, accelerator, precision, resumed)
 
