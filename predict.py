@@ -40,7 +40,7 @@ from train.cleanup import remove, remove_leftovers
 from train.models import check_model
 
 SETTINGS = {f.name: f for f in fields()}
-# The inputs that are files (cog.Path): Cog downloads a URL, or decodes a data: URI, to a path.
+# The inputs that are files (cog.Path): a data: URI Cog decodes, or a URL predict() downloads.
 FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
 
 # The file inputs of the prediction under way: (the Path convert returned, the URL to download

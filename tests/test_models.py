@@ -1,6 +1,7 @@
 """Base models: the built-in ones have the right shape, folders load, the download script works."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -84,8 +85,6 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_a_v_prediction_folder_trains(tmp_path, tiny_folder, photos_zip):
-    import shutil
-
     model = tmp_path / "v-model"
     shutil.copytree(tiny_folder, model)
     config_path = model / "scheduler" / "scheduler_config.json"
@@ -110,6 +109,44 @@ def test_folder_that_is_not_sd_is_refused(tmp_path):
     (tmp_path / "vae").mkdir()
     with pytest.raises(UserError, match="not a diffusers folder"):
         load_pipeline(str(tmp_path / "vae"), "cpu")
+
+
+def spoil(folder, case: str) -> None:
+    unet = folder / "unet"
+    if case == "no weights":
+        for weights in unet.glob("*.safetensors"):
+            weights.unlink()
+    elif case == "junk weights":
+        for weights in unet.glob("*.safetensors"):
+            weights.write_bytes(b"\x93" * 1000)
+    elif case == "no tokenizer":
+        shutil.rmtree(folder / "tokenizer")
+    elif case == "wrong config":
+        config = json.loads((unet / "config.json").read_text())
+        (unet / "config.json").write_text(json.dumps(dict(config, block_out_channels=[8, 16])))
+    elif case == "no pipeline":
+        (folder / "model_index.json").write_text("[]")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no weights", "could not be loaded (Error no file named diffusion_pytorch_model.bin"),
+    ("junk weights", "could not be loaded (Unable to load weights from checkpoint file"),
+    # transformers would make up a tokenizer of two words for it, and training would go on.
+    ("no tokenizer", "has no tokenizer/: pass a complete diffusers folder"),
+    ("wrong config", "does not fit the SD 1.x architecture its names claim (Must provide the "
+                     "same number of `block_out_channels`"),
+    ("no pipeline", "its model_index.json names no pipeline (_class_name)"),
+])
+def test_a_damaged_model_folder_is_one_line(tmp_path, tiny_folder, case, message):
+    """A diffusers folder missing a file or a part, or holding one that does not fit: one
+    line that names the folder and what to pass, not diffusers' or transformers' traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    spoil(model, case)
+    with pytest.raises(UserError) as refused:
+        load_pipeline(str(model), "cpu")
+    assert str(refused.value).startswith(f"model {str(model)!r}")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_download_weights_swaps_in_the_vae(tmp_path, tiny_folder, venv_env):

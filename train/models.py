@@ -70,6 +70,10 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
             else:
                 pipe = _from_single_file(cls, Path(model), str(config_folder), options)
             pipe.to(device)  # a tensor the file lacked is still on the meta device: fails here
+        except OSError as e:  # a folder missing a file, or holding one that cannot be read
+            raise UserError(f"{named(model, what)} could not be loaded ({str(e).strip()[:300]}): "
+                            f"pass a complete diffusers folder (as save_pretrained writes it) or "
+                            f"a single-file checkpoint") from None
         except (ValueError, KeyError, NotImplementedError, SafetensorError) as e:
             # Names that pass check_model, contents that do not fit: wrong shapes, missing parts.
             reason = ("some of its weights are missing" if isinstance(e, NotImplementedError)
@@ -77,6 +81,12 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
             raise UserError(f"{named(model, what)} does not fit the {FAMILY_NAMES[kind]} "
                             f"architecture its names claim ({reason}): pass a full checkpoint or "
                             f"folder of the base model's architecture") from None
+    # A folder without a component's subfolder loads with None in its place.
+    missing = [name for name, part in pipe.components.items()
+               if part is None and name not in OPTIONAL_COMPONENTS]
+    if missing:
+        raise UserError(f"{named(model, what)} has no {', '.join(missing)}: pass a complete "
+                        f"diffusers folder (as save_pretrained writes it)")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,6 +100,11 @@ def _from_single_file(cls, path: Path, config_folder: str, options: dict):
         named = Path(tmp) / "checkpoint.safetensors"
         named.symlink_to(path.resolve())
         return cls.from_single_file(str(named), config=config_folder, **options)
+
+
+# What a pipeline may lack (loaded without them: the trainer uses only the UNet, text encoders,
+# tokenizers, VAE and scheduler).
+OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 def named(model: str, what: str) -> str:
@@ -142,7 +157,18 @@ def _folder_family(path: Path, what: str) -> str:
     if not index.is_file():
         raise UserError(f"{what} {str(path)!r} is not a diffusers folder (no model_index.json): "
                         f"pass the pipeline's top folder, or a single-file .safetensors checkpoint")
-    kind = _read_json(index, what).get("_class_name")
+    components = _read_json(index, what)
+    kind = components.get("_class_name")
+    # transformers makes up a two-word tokenizer for a missing tokenizer folder: refuse here.
+    lacking = sorted(name for name, entry in components.items()
+                     if isinstance(entry, list) and entry and entry[0] is not None
+                     and name not in OPTIONAL_COMPONENTS and not (path / name).is_dir())
+    if lacking:
+        raise UserError(f"{what} {str(path)!r} has no {', '.join(f'{n}/' for n in lacking)}: "
+                        f"pass a complete diffusers folder (as save_pretrained writes it)")
+    if not isinstance(kind, str):
+        raise UserError(f"{what} {str(path)!r}: its model_index.json names no pipeline "
+                        f"(_class_name): pass a diffusers folder as save_pretrained writes it")
     if kind not in PIPELINES:
         raise UserError(f"{what} {str(path)!r} is a {kind}; only Stable Diffusion 1.x/2.x/XL "
                         f"({', '.join(sorted(PIPELINES))}) models are supported")
