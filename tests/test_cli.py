@@ -147,8 +147,8 @@ def not_files(tmp_path) -> dict:
     ("--resume", "fifo", "error: resume: {} is not a file or a folder (it is a FIFO, a device or "
                          "a socket): give a checkpoint folder or a tarball of one"),
     ("--resume", "zeros", "error: resume: {} is neither a checkpoint folder nor a tarball"),
-    ("--base-checkpoint", "fifo", "error: model: {} is not a file or a folder (it is a FIFO, a "
-                                  "device or a socket): give a diffusers folder"),
+    ("--base-checkpoint", "fifo", "error: base_checkpoint: {} is not a file or a folder (it is a "
+                                  "FIFO, a device or a socket): give a diffusers folder"),
 ])
 def test_inputs_that_are_not_files_fail_at_once_with_one_line(tmp_path, photos_zip, venv_env,
                                                               option, case, message):
