@@ -167,3 +167,11 @@ def test_sampler_bench_reports_each_sampler():
     assert [(r["sampler"], r["steps"]) for r in rows] == [("dpm++", 25), ("base", 50),
                                                           ("dpm++", 50)]
     assert all(r["images_per_s"] > 0 and r["cpu_s_per_image"] > 0 for r in rows)
+
+
+def test_download_bench_times_both_downloads_of_the_whole_file():
+    from bench.download import measure
+
+    rows = measure(mib=4, rounds=1)
+    assert [r["download"] for r in rows] == ["cog", "fetch"]
+    assert all(r["mib_per_s"] > 0 for r in rows)
