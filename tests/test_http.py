@@ -614,12 +614,13 @@ def test_ten_predictions_in_a_row_leave_no_files_and_no_memory_behind(server, ph
 
 def test_a_server_starting_removes_what_a_killed_one_left(tmp_path):
     """A server killed outright (SIGKILL) leaves its output folder (with a tarball: 2 GB for
-    SD 1.5) and a run's work folder in the temp folder; the next one to start removes them,
-    and nothing of a process still alive."""
+    SD 1.5), a run's work folder and its downloaded inputs in the temp folder; the next one to
+    start removes them, and nothing of a process still alive."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     scratch = tmp_path / "server-tmp"
-    left = [scratch / f"dreambooth-out-{dead.pid}-abc123", scratch / f"dreambooth-{dead.pid}-x_9"]
+    left = [scratch / f"dreambooth-out-{dead.pid}-abc123", scratch / f"dreambooth-{dead.pid}-x_9",
+            scratch / f"dreambooth-in-{dead.pid}-files"]
     alive = scratch / f"dreambooth-{os.getpid()}-mine"
     for folder in (*left, alive):
         folder.mkdir(parents=True)
