@@ -59,7 +59,7 @@ def test_save_precision(tmp_path, photos_zip, precision, dtype):
 
 def test_single_file_only_is_one_file(tmp_path, photos_zip):
     train_tiny(tmp_path, photos_zip, "single", output_format="single_file", max_train_steps=1)
-    assert tar_names(tmp_path, "single") == ["model.safetensors", "training.json"]
+    assert tar_names(tmp_path, "single") == ["README.md", "model.safetensors", "training.json"]
 
 
 def test_lora_training_writes_small_files_that_reload(tmp_path, photos_zip):
@@ -68,8 +68,9 @@ def test_lora_training_writes_small_files_that_reload(tmp_path, photos_zip):
     out, lines = train_tiny(tmp_path, photos_zip, "lora", use_lora=True, lora_rank=4,
                             learning_rate=None, max_train_steps=6)
     assert any("lr 1.0e-04" in line for line in lines)  # LoRA's own default rate
-    assert tar_names(tmp_path, "lora") == ["lora.safetensors", "lora/pytorch_lora_weights"
-                                           ".safetensors", "training.json"]
+    assert tar_names(tmp_path, "lora") == ["README.md", "lora.safetensors",
+                                           "lora/pytorch_lora_weights.safetensors",
+                                           "training.json"]
     kohya = load_file(out / "lora.safetensors")
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
     base = build_builtin("tiny")
@@ -83,6 +84,60 @@ def test_lora_training_writes_small_files_that_reload(tmp_path, photos_zip):
         loaded[name] = unet_output(pipe)
     assert not torch.allclose(loaded["diffusers"], before, atol=1e-4)  # the LoRA acts
     torch.testing.assert_close(loaded["kohya"], loaded["diffusers"], atol=2e-3, rtol=1e-2)
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.parametrize("settings, files, tags", [
+    (dict(output_format="diffusers,single_file", extract_lora=4),
+     ["lora.safetensors", "model.safetensors", "model_index.json"], ["lora"]),
+    (dict(use_lora=True), ["lora.safetensors", "lora/pytorch_lora_weights.safetensors"],
+     ["lora"]),
+    (dict(output_format="single_file", model="tiny-sdxl"), ["model.safetensors"], []),
+])
+def test_the_tarball_describes_itself(tmp_path, photos_zip, settings, files, tags):
+    """README.md is a model card the Hugging Face Hub reads (front matter: license of the base's
+    family, tags, the trigger, sample images that exist), and it and training.json say which
+    tool takes which file; the diffusers-layout LoRA is for diffusers only."""
+    out, _ = train_tiny(tmp_path, photos_zip, "card", max_train_steps=1,
+                        save_sample_prompt="a photo of sks ball on the beach", n_save_sample=2,
+                        save_infer_steps=2, **settings)
+    card = (out / "README.md").read_text()
+    front = front_matter(card)
+    sdxl = settings.get("model") == "tiny-sdxl"
+    assert front["license"] == ("openrail++" if sdxl else "creativeml-openrail-m")
+    assert front["instance_prompt"] == "a photo of sks ball"
+    assert "base_model" not in front  # a built-in: not on the Hub
+    assert set(front["tags"]) >= {"text-to-image", "dreambooth",
+                                  "stable-diffusion-xl" if sdxl else "stable-diffusion", *tags}
+    assert [w["output"]["url"] for w in front["widget"]] == ["samples/sample-000.png",
+                                                             "samples/sample-001.png"]
+    assert all((out / w["output"]["url"]).is_file() for w in front["widget"])
+    uses = json.loads((out / "training.json").read_text())["files"]
+    assert sorted(uses) == files and all((out / name).is_file() for name in uses)
+    for name, use in uses.items():
+        for tool in use["for"]:
+            assert f"| `{name}` | {use['what']} | {tool} |" in card
+    if "lora/pytorch_lora_weights.safetensors" in uses:
+        assert list(uses["lora/pytorch_lora_weights.safetensors"]["for"]) == ["diffusers"]
+        assert set(uses["lora.safetensors"]["for"]) == {"AUTOMATIC1111 / Forge", "ComfyUI",
+                                                        "diffusers"}
+
+
+def test_the_card_names_a_hub_base_model_download_weights_recorded(tmp_path):
+    from train.card import base_model_id
+
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (tmp_path / "source.json").write_text(json.dumps({"model": hub_id}))
+    assert base_model_id(str(tmp_path)) == hub_id
+    (tmp_path / "source.json").write_text('{"model": "/home/me/models/sd15"}')  # a local folder
+    assert base_model_id(str(tmp_path)) is None
+    assert base_model_id("tiny") is None
 
 
 def test_lora_merged_into_a_full_model(tmp_path, photos_zip):

@@ -655,7 +655,8 @@ def test_upload_url_receives_the_tarball_intact(tmp_path, photos, loopback):
     assert len(read_training_json(out)["history"]) == 2
     # By default the smallest full model: what a diffusers loader reads, in fp16.
     assert {p.name for p in out.iterdir()} == {"model_index.json", "unet", "text_encoder", "vae",
-                                               "tokenizer", "scheduler", "training.json"}
+                                               "tokenizer", "scheduler", "training.json",
+                                               "README.md"}
     from safetensors.torch import load_file
 
     unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")

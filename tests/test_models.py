@@ -161,6 +161,9 @@ def test_download_weights_swaps_in_the_vae(tmp_path, tiny_folder, venv_env):
                              "--dest", str(dest)], env=dict(venv_env, HF_HUB_OFFLINE="1"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    # Where it came from, for the trained model's card (a local folder here: no Hub id).
+    assert json.loads((dest / "source.json").read_text()) == {"model": str(tiny_folder),
+                                                              "vae": str(other_vae)}
     pipe = load_pipeline(str(dest), "cpu")
     assert torch.all(pipe.vae.decoder.conv_out.bias == 0.5)
     assert pipe.safety_checker is None

@@ -132,7 +132,7 @@ def test_predict_trains_a_lora_and_resumes_from_a_checkpoint_tarball(tmp_path, p
     inputs = dict(cog_defaults(), **settings, instance_data=uploaded(photos_zip),
                   max_train_steps=4, resume=uploaded(packed))
     out = untar(predictor.predict(**inputs), tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["lora", "lora.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "lora", "lora.safetensors",
                                                      "training.json"]
     assert [h["step"] for h in read_training_json(out)["history"]] == [1, 2, 3, 4]
     a, b = load_file(out / "lora.safetensors"), load_file(whole / "lora.safetensors")

@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 
 from . import checkpoint, distributed, families
+from .card import base_model_id, file_uses, model_card
 from .cleanup import remove, remove_leftovers
 from .config import Concept, TrainConfig, concepts_of
 from .data import TrainingData, prepare
@@ -442,6 +443,9 @@ def write_outputs(config, plan, intake, model, training, state, scored, baseline
         evaluation = pick_checkpoint(scored + [final], out, len(intake.concepts), log)
         timings.end("evaluate")
     files = export_formats(pipe, config, out, training.base_weights)
+    uses = file_uses(files)
+    base = None if config.base_checkpoint else base_model_id(config.model)
+    (out / "README.md").write_text(model_card(config, families.of(pipe), uses, samples, base))
     timings.end("export")
     record = {
         "config": config.to_dict(),
@@ -452,6 +456,7 @@ def write_outputs(config, plan, intake, model, training, state, scored, baseline
         "versions": versions(),
         "timings": timings.seconds,
         "outputs": files,
+        "files": uses,
         "dataset": {
             "instance": {"used": [ex.report() for ex in intake.instance],
                          "skipped": intake.instance_skipped},
