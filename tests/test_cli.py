@@ -39,8 +39,8 @@ def test_cli_trains_and_the_output_reloads_and_generates(tmp_path, photos_zip, v
 
     out = untar(out_tar, tmp_path / "untarred")
     assert sorted(p.name for p in out.iterdir()) == [
-        "model_index.json", "samples", "scheduler", "text_encoder", "tokenizer", "training.json",
-        "unet", "vae"]
+        "README.md", "model_index.json", "samples", "scheduler", "text_encoder", "tokenizer",
+        "training.json", "unet", "vae"]
     pipe = DiffusionPipeline.from_pretrained(out)  # plain, as a user would: one dtype throughout
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64,
