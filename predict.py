@@ -25,7 +25,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 import urllib.parse
 from typing import Optional
 
@@ -43,8 +42,8 @@ SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): a data: URI Cog decodes, or a URL predict() downloads.
 FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
 
-# The file inputs of the prediction under way: (the Path convert returned, the URL to download
-# into it, or None once it holds the file). Cog (coglet) hands predict() a URL or data: URI as
+# The file inputs of the prediction under way: (the Path convert returned, the URL predict()
+# downloads into it, or None for a data: URI, copied there at once). Cog (coglet) hands predict() a URL or data: URI as
 # the Path that URLPath.convert returned, in this process; it hands over any other string as it
 # came, so a client could name a file of the server. Keeping the very objects convert made lets
 # predict() tell the two apart without opening, or even stat()ing, anything the client named;
@@ -98,15 +97,12 @@ def client_file(name: str, value) -> Optional[str]:
         raise train.UserError(f"{name}: send the file itself, as an http(s) URL or a data: URI; "
                               "the server does not read files by their path on the server")
     if urls[0]:
-        print(f"{name}: downloading from {urllib.parse.urlsplit(urls[0]).hostname}", flush=True)
-        started = time.monotonic()
         try:
-            size = fetch(urls[0], value, log=lambda line: print(f"{name}: {line}", flush=True),
-                         max_bytes=MAX_DOWNLOAD_MIB << 20,
-                         timeout=DOWNLOAD_TIMEOUT, user_agent=os.environ.get("COG_USER_AGENT"))
+            fetch(urls[0], value, log=lambda line: print(f"{name}: {line}", flush=True),
+                  max_bytes=MAX_DOWNLOAD_MIB << 20, timeout=DOWNLOAD_TIMEOUT,
+                  user_agent=os.environ.get("COG_USER_AGENT"))
         except train.UserError as e:
             raise train.UserError(f"{name}: {e}") from None
-        print(f"{name}: downloaded {size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s")
     return str(value)
 
 

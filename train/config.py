@@ -290,12 +290,11 @@ class TrainConfig:
                 self.output_format = ",".join(p for p in order if p in parts)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value = _checked(f, hints[f.name], getattr(self, f.name))
             if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
                 raise UserError(f"{f.name} is {len(value)} characters long; at most "
                                 f"{MAX_TEXT_CHARS} are read")
+            setattr(self, f.name, value)
         for name in PROMPTS:
             check_prompt(name, getattr(self, name))
         prompts = self.eval_prompt_list() or []

@@ -42,9 +42,9 @@ _OPENER = urllib.request.build_opener(_HttpOnly)
 
 
 def fetch(url: str, path: str | os.PathLike, log=print, every: float = 10.0, **limits) -> int:
-    """Download `url` into the file `path` (download's `limits`), logging its progress `every`
-    so many seconds; returns its size. On any failure or interruption the file is removed and
-    the download thread told to stop."""
+    """Download `url` into the file `path` (download's `limits`), logging its start, its
+    progress `every` so many seconds and its end; returns its size. On any failure or
+    interruption the file is removed and the download thread told to stop."""
     outcome: list = []
     stop = threading.Event()
 
@@ -56,6 +56,7 @@ def fetch(url: str, path: str | os.PathLike, log=print, every: float = 10.0, **l
             outcome.append(e)
     worker = threading.Thread(target=work, name="download", daemon=True)
     try:
+        log(f"downloading from {_host(url)}")
         worker.start()
         started = shown = time.monotonic()
         while worker.is_alive():
@@ -64,12 +65,14 @@ def fetch(url: str, path: str | os.PathLike, log=print, every: float = 10.0, **l
                 shown = time.monotonic()
                 log(f"{os.stat(path).st_size / 2**20:.1f} MiB downloaded "
                     f"({shown - started:.0f} s)")
-        if out_of_disk(outcome[0]):
-            raise UserError(f"ran out of disk space downloading {_host(url)} ({outcome[0]}): "
-                            f"free some space on the server") from None
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            if out_of_disk(result):
+                raise UserError(f"ran out of disk space downloading {_host(url)} ({result}): "
+                                f"free some space on the server") from None
+            raise result
+        log(f"downloaded {result / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s")
+        return result
     except BaseException:
         stop.set()  # the worker stops at its next chunk, or when its read times out
         remove(path)

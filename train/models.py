@@ -128,7 +128,7 @@ def check_model(model: str, config_folder: str | None = None, what: str = "model
             f"or a built-in name ({', '.join([*BUILTINS, *SHIPPED])})")
     input_path(model, what, "a diffusers folder or a .safetensors checkpoint")  # no FIFO
     if path.is_dir():
-        return _folder_family(path, "model")
+        return _folder_family(path, what)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(
             f"{named(model, what)} is a pickle checkpoint, which is not loaded here (unpickling "
