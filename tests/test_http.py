@@ -405,7 +405,7 @@ def test_a_hostile_download_fails_in_one_line_within_its_bounds(server, loopback
     assert "\n" not in result["error"] and "Traceback" not in result["logs"]
     assert time.monotonic() - started < 15
     assert server.inputs() == [] and server.work_folders() == []
-    assert server.ready()
+    wait_for(server.ready, 10, "the server to be READY again")
 
 
 def hostile_files(photos: Path, folder: Path) -> dict[str, tuple[Path, str]]:
@@ -439,7 +439,7 @@ def test_a_hostile_file_fails_in_one_line_and_leaves_nothing(server, photos, tmp
     assert f"{field}: " in error and says in error and "\n" not in error, error
     assert "Traceback" not in result["logs"]
     assert server.inputs() == [] and server.work_folders() == []
-    assert server.ready()
+    wait_for(server.ready, 10, "the server to be READY again")
 
 
 def test_a_cancel_stops_a_download_at_once(server, loopback):
@@ -589,7 +589,7 @@ def test_the_example_client_refuses_a_misspelled_input_the_server_would_drop(ser
     assert run.returncode == 2
     assert run.stderr == ("error: max_train_step is not an input of this server; did you mean "
                           "max_train_steps?\n")
-    assert server.ready()  # nothing was sent
+    wait_for(server.ready, 10, "the server to be READY")  # nothing was sent
 
 
 def files_under(folder: Path) -> dict[str, int]:
