@@ -18,22 +18,19 @@ script/download-weights --eval puts in weights/, or those EVAL_DINO and EVAL_CLI
 A file input is taken only as the client sent it: a data: URI, or an http(s) URL that predict()
 downloads itself, within MAX_DOWNLOAD_MIB and DOWNLOAD_TIMEOUT (environment variables of the
 server), stopped at once by a cancel. Anything else (a path on the server, a folder, a file://
-URL) is refused with one line, without looking at what it names: see client_file below.
+URL) is refused with one line, without looking at what it names: train/cog_files.py.
 """
 
 import os
-import shutil
-import stat
 import tempfile
-import urllib.parse
 from typing import Optional
 
-from cog import BasePredictor, Input, Path, URLPath
+from cog import BasePredictor, Input, Path
 
 import train
+from train import cog_files  # replaces Cog's URLPath.convert: file inputs are fetched here
 from train.cli import to_argv
 from train.config import field_type, fields
-from train.download import fetch
 from train.distributed import cuda_available, launch, process_count
 from train.cleanup import remove, remove_leftovers
 from train.models import check_model
@@ -41,69 +38,6 @@ from train.models import check_model
 SETTINGS = {f.name: f for f in fields()}
 # The inputs that are files (cog.Path): a data: URI Cog decodes, or a URL predict() downloads.
 FILES = ("instance_data", "class_data", "base_checkpoint", "resume")
-
-# The file inputs of the prediction under way: (the Path convert returned, the URL predict()
-# downloads into it, or None for a data: URI, copied there at once). Cog (coglet) hands predict() a URL or data: URI as
-# the Path that URLPath.convert returned, in this process; it hands over any other string as it
-# came, so a client could name a file of the server. Keeping the very objects convert made lets
-# predict() tell the two apart without opening, or even stat()ing, anything the client named;
-# a Cog that stopped calling convert would fail closed (every file refused), not open.
-_fetched: list[tuple[Path, Optional[str]]] = []
-# Where they are put: a folder of this process (remove_leftovers knows its name), emptied after
-# every prediction whatever Cog does with its own copies.
-_inputs = Path(tempfile.gettempdir()) / f"dreambooth-in-{os.getpid()}-files"
-# Bounds on a download (Cog's own has none), set in the server's environment.
-MAX_DOWNLOAD_MIB = int(os.environ.get("MAX_DOWNLOAD_MIB", 64 << 10))
-DOWNLOAD_TIMEOUT = float(os.environ.get("DOWNLOAD_TIMEOUT", 3600))
-
-
-def _convert(self: URLPath) -> Path:
-    """Cog's URLPath.convert, which downloads before predict() starts, in a thread a cancel
-    never reaches, with no deadline or size limit. Here a data: URI (decoded by Cog already) is
-    copied out at once, and an http(s) URL only noted: predict() downloads it (client_file)."""
-    if self._path is None:
-        _inputs.mkdir(mode=0o700, exist_ok=True)
-        if _inputs.is_symlink() or _inputs.stat().st_uid != os.getuid():
-            raise RuntimeError(f"{_inputs} is not this server's folder")
-        # Under the name the client gave it (the URL's, or file.zip for a data: URI), so that
-        # errors name the file the client knows; a folder of its own keeps names apart.
-        folder = tempfile.mkdtemp(dir=_inputs)
-        name = os.path.join(folder, self.filename if self.filename.strip(".") else "file")
-        url = self.source if urllib.parse.urlsplit(self.source).scheme in ("http",
-                                                                         "https") else None
-        try:
-            with open(name, "xb") as dest:
-                if url is None:
-                    shutil.copyfileobj(self.fileobj, dest)
-        except BaseException:
-            remove(folder)
-            raise
-        self._path = Path(name)
-        _fetched.append((self._path, url))
-    return self._path
-
-
-URLPath.convert = _convert
-
-
-def client_file(name: str, value) -> Optional[str]:
-    """The local path of file input `name` if it came from the client for this prediction,
-    downloaded now if it is a URL (bounded, and a cancel stops it); a UserError, the same
-    whatever `value` names on the server, for anything else."""
-    if value is None:
-        return None
-    urls = [url for path, url in _fetched if value is path]
-    if not urls or not stat.S_ISREG(os.lstat(value).st_mode):
-        raise train.UserError(f"{name}: send the file itself, as an http(s) URL or a data: URI; "
-                              "the server does not read files by their path on the server")
-    if urls[0]:
-        try:
-            fetch(urls[0], value, log=lambda line: print(f"{name}: {line}", flush=True),
-                  max_bytes=MAX_DOWNLOAD_MIB << 20, timeout=DOWNLOAD_TIMEOUT,
-                  user_agent=os.environ.get("COG_USER_AGENT"))
-        except train.UserError as e:
-            raise train.UserError(f"{name}: {e}") from None
-    return str(value)
 
 
 class Predictor(BasePredictor):
@@ -303,13 +237,11 @@ class Predictor(BasePredictor):
         try:
             return self.train(inputs)
         finally:
-            for path in _inputs.glob("*"):  # the inputs, and any a failed or canceled
-                remove(path)                # prediction before this one left
-            _fetched.clear()
+            cog_files.clear()
 
     def train(self, inputs: dict) -> Path:
         for name in FILES:
-            inputs[name] = client_file(name, inputs[name])
+            inputs[name] = cog_files.client_file(name, inputs[name])
         for name, value in inputs.items():
             # JSON has one number type: 3.0 passes the schema's "integer" (JSON Schema counts
             # it as one) and arrives as a float, which TrainConfig would refuse as not whole.

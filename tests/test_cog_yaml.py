@@ -56,9 +56,13 @@ def test_the_image_gets_the_cog_the_tests_run_against(cog):
     assert cog["build"]["sdk_version"] == metadata.version("cog")
 
 
-def test_the_predictor_exists(cog):
-    path, name = cog["predict"].split(":")
-    assert (ROOT / path).is_file()
+@pytest.mark.parametrize("config, predictor", [("cog.yaml", "predict.py:Predictor"),
+                                               ("generate.yaml", "generate.py:Predictor")])
+def test_each_config_builds_the_same_image_for_its_predictor(cog, config, predictor):
+    """The trainer (cog.yaml) and the generator (`cog build -f generate.yaml`)."""
+    other = yaml.safe_load((ROOT / config).read_text())
+    assert other["build"] == cog["build"] and other["predict"] == predictor
+    path, name = predictor.split(":")
     module = __import__(path.removesuffix(".py"))
     assert callable(getattr(module, name).predict)
 
@@ -80,16 +84,18 @@ def test_dockerignore_keeps_the_venv_out_and_what_the_image_needs_in(cog):
                  "toy/model/unet/diffusion_pytorch_model.safetensors", "bench/speed.py",
                  "tests/test_http.py"):
         assert ignored(patterns, path), path
-    needed = ["predict.py", "cog.yaml", cog["build"]["python_requirements"],
-              "weights/model_index.json", ".cog/openapi_schema.json",
+    needed = ["predict.py", "cog.yaml", "generate.py", "generate.yaml",
+              cog["build"]["python_requirements"], "weights/model_index.json",
+              ".cog/openapi_schema.json", ".cog/generate_schema.json",
               *(str(p.relative_to(ROOT)) for p in (ROOT / "train").glob("*.py"))]
     for path in needed:  # cog refuses to build when .cog is ignored
         assert not ignored(patterns, path), path
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_the_schema_is_committed_not_ignored():
-    """.cog/ holds what cog build writes, but the schema is committed for the local server."""
-    check = subprocess.run(["git", "check-ignore", "-q", ".cog/openapi_schema.json"], cwd=ROOT,
+@pytest.mark.parametrize("schema", ["openapi_schema.json", "generate_schema.json"])
+def test_the_schemas_are_committed_not_ignored(schema):
+    """.cog/ holds what cog build writes, but the schemas are committed for the local server."""
+    check = subprocess.run(["git", "check-ignore", "-q", f".cog/{schema}"], cwd=ROOT,
                            timeout=30)
     assert check.returncode == 1  # 1: not ignored

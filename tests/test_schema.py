@@ -38,8 +38,10 @@ def test_schema_check_passes_on_the_committed_files():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_committed_schema_is_what_predict_py_gives(schema_script):
-    assert json.loads(SCHEMA.read_text()) == schema_script.openapi_schema()
+@pytest.mark.parametrize("name", ["predict", "generate"])
+def test_each_committed_schema_is_what_its_predictor_gives(schema_script, name):
+    predictor = schema_script.PREDICTORS[name]
+    assert json.loads(predictor.schema.read_text()) == schema_script.openapi_schema(predictor)
 
 
 def test_predict_py_inputs_are_what_train_config_gives(schema_script):
@@ -67,22 +69,41 @@ def test_the_schema_describes_every_input_with_its_rules():
     assert schemas["Output"] == {"title": "Output", "type": "string", "format": "uri"}
 
 
-def predict_parameters():
-    tree = ast.parse(PREDICT.read_text())
+def test_generate_py_inputs_are_what_generate_config_gives(schema_script):
+    from train.config import fields
+    from train.generate import GenerateConfig
+
+    predictor = schema_script.PREDICTORS["generate"]
+    source = predictor.file.read_text()
+    assert schema_script.predict_source(source, predictor) == source
+    drifted = source.replace("default=25, ge=1, le=500,", "default=26, ge=1, le=500,", 1)
+    assert drifted != source and schema_script.predict_source(drifted, predictor) == source
+    schemas = json.loads(predictor.schema.read_text())["components"]["schemas"]
+    properties = schemas["Input"]["properties"]
+    assert set(properties) == {f.name for f in fields(GenerateConfig) if f.metadata["cog"]}
+    assert schemas["Input"]["required"] == ["prompt"]
+    assert properties["weights"]["format"] == "uri" and properties["seed"]["nullable"]
+    assert schemas["Output"] == {"title": "Output", "type": "array",
+                                 "items": {"type": "string", "format": "uri"}}
+
+
+def predict_parameters(path=PREDICT):
+    tree = ast.parse(path.read_text())
     predict = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                    and n.name == "predict")
     args = predict.args.args[1:]
     return list(zip(args, predict.args.defaults[-len(args):]))
 
 
-def test_inputs_are_literals_that_a_static_parser_reads():
+@pytest.mark.parametrize("path", [PREDICT, ROOT / "generate.py"], ids=lambda p: p.name)
+def test_inputs_are_literals_that_a_static_parser_reads(path):
     """The rules of cog's tree-sitter parser (pkg/schema/python/parser.go): the default of each
     parameter is an Input(...) call; default and choices are literals; ge and le are number
     literals (anything else is dropped without a word); a description is one plain string
     literal (the parser cuts the quotes off the source text and keeps the rest, so escapes and
     implicit concatenation would reach the schema as written)."""
-    source = PREDICT.read_text()
-    for arg, default in predict_parameters():
+    source = path.read_text()
+    for arg, default in predict_parameters(path):
         name = arg.arg
         assert isinstance(default, ast.Call) and getattr(default.func, "id", "") == "Input", name
         assert not default.args, f"{name}: Input() takes keywords only here"

@@ -18,9 +18,10 @@ import re
 import shutil
 from pathlib import Path
 
-# Work folders (dreambooth-PID-*), a server's output folders (dreambooth-out-PID-*) and its
-# downloads (dreambooth-in-PID-*), where PID is the process that made them.
-LEFTOVER = re.compile(r"dreambooth-(?:out-|in-)?(\d+)-\w+")
+# Work folders (dreambooth-PID-*), a server's output folders (dreambooth-out-PID-*), its
+# downloads (dreambooth-in-PID-*) and a generator's cache (dreambooth-gen-PID-*), where PID is
+# the process that made them.
+LEFTOVER = re.compile(r"dreambooth-(?:out-|in-|gen-)?(\d+)-\w+")
 
 
 def remove(path: str | Path) -> None:

@@ -15,9 +15,9 @@ from .errors import exit_status
 REQUIRED = ("instance_data", "instance_prompt", "output")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block: the contract for user mistakes
-        self.exit(2, f"error: {message} (see python -m train --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_bool(text: str) -> bool:
@@ -30,14 +30,20 @@ def parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m train",
+    parser = Parser(prog="python -m train",
                      description="DreamBooth: fine-tune Stable Diffusion on a few photos of a "
                                  "subject and write a tarball of weights.")
-    for f in fields():
-        kind = field_type(f)
+    return add_settings(parser, TrainConfig, REQUIRED)
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: type, required=()):
+    """A flag for each field of a settings dataclass, with its type, choices, default and
+    help (train/generate.py's command line is made the same way)."""
+    for f in fields(settings):
+        kind = field_type(f, settings)
         meta = f.metadata
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, required=f.name in REQUIRED,
+            "--" + f.name.replace("_", "-"), dest=f.name, required=f.name in required,
             type=parse_bool if kind is bool else kind, choices=meta["choices"],
             default=f.default, metavar=_metavar(kind, meta),
             help=meta["help"] + ("" if f.default in (None, "") else f" (default: {f.default})"))

@@ -288,13 +288,7 @@ class TrainConfig:
             order = ["auto", "diffusers", "single_file", "lora"]
             if parts <= set(order):
                 self.output_format = ",".join(p for p in order if p in parts)
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _checked(f, hints[f.name], getattr(self, f.name))
-            if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
-                raise UserError(f"{f.name} is {len(value)} characters long; at most "
-                                f"{MAX_TEXT_CHARS} are read")
-            setattr(self, f.name, value)
+        coerce(self)
         for name in PROMPTS:
             check_prompt(name, getattr(self, name))
         prompts = self.eval_prompt_list() or []
@@ -460,6 +454,19 @@ def _folder(name: str) -> str:
     return name.strip().removeprefix("./").strip("/")
 
 
+def coerce(settings) -> None:
+    """Check every field of a settings dataclass (TrainConfig, GenerateConfig) against its type,
+    bounds and choices, coercing where lossless (3 -> 3.0); a UserError names the first wrong
+    one. Text is bounded before anything parses it."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value = _checked(f, hints[f.name], getattr(settings, f.name))
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise UserError(f"{f.name} is {len(value)} characters long; at most "
+                            f"{MAX_TEXT_CHARS} are read")
+        setattr(settings, f.name, value)
+
+
 def _checked(f: dataclasses.Field, hint, value):
     """Coerce a value to its field's type where it is lossless, else raise a UserError."""
     optional = type(None) in typing.get_args(hint)
@@ -493,13 +500,14 @@ def _checked(f: dataclasses.Field, hint, value):
     return value
 
 
-def fields() -> list[dataclasses.Field]:
-    """TrainConfig's fields in declaration order (what the CLI and predict.py derive from)."""
-    return list(dataclasses.fields(TrainConfig))
+def fields(settings: type = None) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass (default TrainConfig) in declaration order: what the
+    CLI and the Cog predictors derive from."""
+    return list(dataclasses.fields(settings or TrainConfig))
 
 
-def field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field, settings: type = None) -> type:
     """The plain type of a field: str, int, float or bool (Optional unwrapped)."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = typing.get_type_hints(settings or TrainConfig)[f.name]
     args = [t for t in typing.get_args(hint) if t is not type(None)]
     return args[0] if args else hint

@@ -449,6 +449,9 @@ def write_outputs(config, plan, intake, model, training, state, scored, baseline
     timings.end("export")
     record = {
         "config": config.to_dict(),
+        # What the generator (train/trained.py) checks a LoRA's base model against.
+        "family": families.of(pipe),
+        "base_model": base,
         "plan": dataclasses.asdict(plan),
         "device": str(model.accelerator.device),
         "processes": {"count": model.accelerator.num_processes, "weights": agreed},

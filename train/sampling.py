@@ -22,6 +22,8 @@ SAMPLERS = {
                                                   timestep_spacing="trailing")),
     "ddim": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing")),
     "euler": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing")),
+    "euler_a": ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing")),
+    "pndm": ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="trailing")),
 }
 
 
@@ -36,10 +38,12 @@ def sampler(pipe, name: str):
 
 
 def generate(pipe, prompt: str, count: int, *, batch_size: int, steps: int, guidance: float,
-             seed: int, resolution: int, negative_prompt: str | None = None, label: str = "images",
-             first: int = 0, scheduler=None, log=print) -> list:
-    """`count` PIL images of `prompt` at `resolution` x `resolution`: images first, first+1,
-    ... of `seed`; with `scheduler` in place of the pipeline's own for this call."""
+             seed: int, resolution: int | tuple[int, int], negative_prompt: str | None = None,
+             label: str = "images", first: int = 0, scheduler=None, log=print) -> list:
+    """`count` PIL images of `prompt` at `resolution` x `resolution` (or (width, height)):
+    images first, first+1, ... of `seed`; with `scheduler` in place of the pipeline's own for
+    this call."""
+    width, height = resolution if isinstance(resolution, tuple) else (resolution, resolution)
     images, start = [], time.perf_counter()
     own = pipe.scheduler
     if scheduler is not None:
@@ -53,7 +57,7 @@ def generate(pipe, prompt: str, count: int, *, batch_size: int, steps: int, guid
             with torch.no_grad():
                 out = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
                            num_inference_steps=steps, guidance_scale=guidance,
-                           height=resolution, width=resolution, generator=generator)
+                           height=height, width=width, generator=generator)
             images.extend(out.images)
             elapsed = time.perf_counter() - start
             log(f"{label}: {len(images)}/{count}  {len(images) / elapsed:.2f} images/s")
