@@ -57,6 +57,7 @@ class Predictor(BasePredictor):
             # it; the server stays up, and predictions that send weights still work.
             try:
                 self.default = self.own_weights(str(source))
+                self.generator.pinned.add(self.default[0])  # never evicted for a `weights`
                 self.generator.pipeline(*self.default)  # the cold start belongs to setup
             except UserError as e:
                 self.default, self.default_error = None, str(e)
@@ -90,7 +91,7 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        # Written by script/schema from train.generate.GenerateConfig: change a setting there, run it.
+        # Written by script/schema from GenerateConfig: change a setting there, run it.
         prompt: str = Input(
             description="Prompt; put the trained subject's identifier in it, e.g. 'a photo of sks dog on the beach'"),
         negative_prompt: Optional[str] = Input(

@@ -175,3 +175,14 @@ def test_download_bench_times_both_downloads_of_the_whole_file():
     rows = measure(mib=4, rounds=1)
     assert [r["download"] for r in rows] == ["cog", "fetch"]
     assert all(r["mib_per_s"] > 0 for r in rows)
+
+
+def test_generate_bench_times_the_cold_start_and_each_image(tmp_path):
+    from bench.generate import measure
+    from train.example_data import write_example_zip
+
+    photos = write_example_zip(tmp_path / "photos.zip", count=3, size=64)
+    row = measure("tiny", "full", images=1, size=64, steps=2, folder=tmp_path, photos=photos)
+    parts = [row[k] for k in ("unpack_s", "load_s", "first_image_s", "per_image_s")]
+    assert all(seconds > 0 for seconds in parts) and row["tarball_mib"] > 1
+    assert abs(row["cold_s"] - sum(parts[:3])) < 1e-6

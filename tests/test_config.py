@@ -110,15 +110,23 @@ def test_ints_are_accepted_for_floats():
     assert valid(prior_loss_weight=2).prior_loss_weight == 2.0
 
 
-def test_docs_list_every_input_with_its_default_and_doc():
+@pytest.mark.parametrize("page, settings, required", [
+    ("inputs.md", "TrainConfig", ("instance_data", "instance_prompt")),
+    ("generate.md", "GenerateConfig", ("prompt",)),
+])
+def test_docs_list_every_input_with_its_default_and_doc(page, settings, required):
+    from train.config import TrainConfig
+    from train.generate import GenerateConfig
+
+    settings = {"TrainConfig": TrainConfig, "GenerateConfig": GenerateConfig}[settings]
     rows = {cells[1].strip(" `"): (cells[2].strip(" `"), cells[4].strip())
-            for cells in (line.split("|") for line in (ROOT / "docs" / "inputs.md")
+            for cells in (line.split("|") for line in (ROOT / "docs" / page)
                           .read_text().splitlines() if line.startswith("| `"))
             if len(cells) == 6}  # rows of the inputs table: | name | default | range | doc |
-    for f in fields():
-        if not f.metadata["cog"]:
-            continue
-        default = ("required" if f.name in ("instance_data", "instance_prompt")
+    cog = [f for f in fields(settings) if f.metadata["cog"]]
+    assert len(rows) == len(cog)
+    for f in cog:
+        default = ("required" if f.name in required
                    else "none" if f.default is None
                    else str(f.default).lower() if isinstance(f.default, bool)
                    else str(f.default))

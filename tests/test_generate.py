@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from helpers import ROOT, train_tiny
-from serving import Loopback, Server, call, wait_for
+from serving import Loopback, Server, call, data_uri, wait_for
 from train.errors import UserError
 from train.generate import GenerateConfig, Generator, draw
 from train.trained import make_room
@@ -246,14 +246,41 @@ def loopback(tmp_path_factory, trained):
     server.close()
 
 
+SERVE = str(ROOT / "script" / "serve")
+
+
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory, loopback):
+def published(tmp_path_factory, loopback, photos):
+    """Replicate's trainings call, played here: the trainer on Cog's training API as
+    generate.yaml's image serves it (script/serve train) trains on the photos; its tarball is
+    stored where the generator fetches it from, as Replicate stores a training's output. Returns
+    its URL: what Replicate makes the new version's COG_WEIGHTS."""
+    scratch = tmp_path_factory.mktemp("trainer-tmp")
+    # Cog's server inlines a training's weights as a data: URI (it sends outputs nested in an
+    # object, as TrainingOutput's are, to no --upload-url), so this test stores them itself.
+    server = Server(scratch, scratch.parent / "trainer.log", command=[SERVE, "train"])
+    try:
+        wait_for(server.ready, 30, "the trainer to be READY")
+        status, result = call("POST", server.base + "/trainings", {"input": dict(
+            instance_prompt="a photo of sks ball", instance_data=data_uri(photos),
+            with_prior_preservation=False, resolution=64, max_train_steps=4,
+            learning_rate=1e-3)})
+    finally:
+        server.stop()
+    assert status == 200 and result["status"] == "succeeded", result
+    header, payload = result["output"]["weights"].split(",", 1)
+    assert header == "data:application/x-tar;base64"
+    (loopback.folder / "published.tar").write_bytes(base64.b64decode(payload))
+    return f"{loopback.url}/files/published.tar"
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, published):
     """The generator's Cog server as script/serve starts it, its own weights (COG_WEIGHTS) the
-    diffusers tarball, fetched and loaded in setup."""
+    published tarball, fetched and loaded in setup."""
     scratch = tmp_path_factory.mktemp("generator-tmp")
-    server = Server(scratch, scratch.parent / "generator.log",
-                    command=[str(ROOT / "script" / "serve"), "generate"],
-                    env=dict(COG_WEIGHTS=f"{loopback.url}/files/diffusers.tar"))
+    server = Server(scratch, scratch.parent / "generator.log", command=[SERVE, "generate"],
+                    env=dict(COG_WEIGHTS=published))
     yield server
     server.stop()
 
@@ -266,14 +293,15 @@ def test_the_generator_serves_its_committed_schema(generator):
     assert status == 422 and "4096 is greater than the maximum of 2048" in str(body), body
 
 
-def test_its_own_weights_are_fetched_once_and_draw_the_subject(generator, loopback, trained,
-                                                              base_images, tmp_path):
+def test_trained_published_and_generated_its_own_weights_fetched_once(generator, loopback,
+                                                                     published, base_images):
     results = [ask(generator, PREDICTION) for _ in range(2)]
     assert [r["status"] for r in results] == ["succeeded"] * 2, results
     first, second = (images_of(r) for r in results)
     assert first.shape == (2, 64, 64, 3) and np.array_equal(first, second)  # seeded
-    assert difference(first, base_images) > 5
-    assert loopback.requests.count("/files/diffusers.tar") == 1  # in setup, and never again
+    assert difference(first, base_images) > 5  # the trained weights, not the base model
+    path = published.removeprefix(loopback.url)
+    assert loopback.requests.count(path) == 1  # in setup, and never again
 
 
 def test_weights_sent_with_a_prediction_are_fetched_once_and_scaled(generator, loopback,
@@ -308,8 +336,7 @@ def test_bad_weights_fail_in_one_line_and_the_next_prediction_succeeds(generator
 
 
 def test_broken_own_weights_are_said_and_the_server_stays_up(tmp_path, loopback):
-    server = Server(tmp_path, tmp_path / "server.log",
-                    command=[str(ROOT / "script" / "serve"), "generate"],
+    server = Server(tmp_path, tmp_path / "server.log", command=[SERVE, "generate"],
                     env=dict(COG_WEIGHTS=f"{loopback.url}/files/not-a-tarball.tar"))
     try:
         result = ask(server, PREDICTION)

@@ -29,6 +29,7 @@ from serving import (TIMEOUT, Loopback, Server, call, data_uri, inlined, one_thr
                      untar_bytes, wait_for)
 
 SCHEMA = ROOT / ".cog" / "openapi_schema.json"
+SERVE = [str(ROOT / "script" / "serve"), "predict"]  # as docs/http.md says to run it
 PROMPTS = dict(instance_prompt="a photo of sks ball", class_prompt="a photo of a ball")
 # A few seconds of training once the worker is warm: one class image, 64 px, two steps.
 TINY = dict(PROMPTS, resolution=64, num_class_images=1, class_infer_steps=1, sample_batch_size=1,
@@ -51,7 +52,7 @@ def server(tmp_path_factory, photos):
     (imports, first CPU kernels) that the tests' timings should not show."""
     scratch = tmp_path_factory.mktemp("server-tmp")
     # Small bounds on downloads, so that the tests of them take seconds.
-    server = Server(scratch, scratch.parent / "server.log",
+    server = Server(scratch, scratch.parent / "server.log", command=SERVE,
                     env=dict(DOWNLOAD_TIMEOUT="5", MAX_DOWNLOAD_MIB="8"))
     try:
         status, result = server.predict(dict(TINY, instance_data=data_uri(photos)))

@@ -124,6 +124,7 @@ class Generator:
                       if torch.cuda.is_bf16_supported() else torch.float16)
         self.base_pipe = None  # loaded on the first LoRA, kept for the next
         self.current: tuple[str, object, str] | None = None  # (key, pipeline, format)
+        self.pinned: set[str] = set()  # keys the cache never removes (the model's own weights)
 
     def unpacked(self, key: str, tarball: Path, what: str, name: str,
                  download=None) -> Path:
@@ -137,7 +138,7 @@ class Generator:
         if download is not None:
             download()
         cache.mkdir(parents=True, exist_ok=True)
-        keep = {self.current[0]} if self.current else set()
+        keep = self.pinned | ({self.current[0]} if self.current else set())
         for old in make_room(cache, self.max_cache_bytes, tarball.stat().st_size, keep):
             self.log(f"{what}: removed {old} from the cache to make room")
         return unpack(tarball, cache / key, what, name)
