@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import ROOT, train_tiny
@@ -109,6 +110,20 @@ def test_every_format_the_trainer_writes_draws_the_trained_subject(trained, base
     assert (tmp_path / "configs" / "model_index.json").is_file()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_every_format_draws_in_half_precision(trained, base_images, tmp_path):
+    _, tarballs = trained
+    generator = Generator("tiny", "cuda", tmp_path, 1 << 30, log=lambda line: None)
+    for fmt, tarball in tarballs.items():
+        folder = generator.unpacked(fmt, tarball, "weights", tarball.name)
+        pipe = generator.pipeline(fmt, folder, "weights", tarball.name)
+        assert pipe.unet.dtype in (torch.bfloat16, torch.float16)
+        drawn = pixels(draw(pipe, GenerateConfig(**SETTINGS), log=lambda line: None))
+        # Half precision draws the fp32 picture up to rounding, far from the base model's.
+        assert drawn.std() > 1 and difference(drawn, base_images) > 5, fmt
+
+
 def test_the_cache_removes_the_least_recently_used_to_stay_in_its_bound(tmp_path):
     for age, key in enumerate(["old", "used", "new"]):
         (tmp_path / key).mkdir()
@@ -172,7 +187,8 @@ def test_a_wrong_or_hostile_tarball_is_one_line_naming_it(trained, tmp_path, nam
     message = str(error.value)
     assert HOSTILE[name] in message and "\n" not in message, message
     assert str(work) not in message, message  # the server's folders are not the client's
-    assert not list((work / "cache").glob("*.partial")), "a half-unpacked tarball was left"
+    # Nothing stays in the cache: not half an unpacked tarball, nor one that failed to load.
+    assert not (work / "cache").exists() or not list((work / "cache").iterdir())
 
 
 @pytest.mark.parametrize("base, message", [

@@ -147,24 +147,31 @@ class Generator:
         """The pipeline of the trained folder (loaded unless it is the one last used), with a
         LoRA at `lora_scale`."""
         if self.current is None or self.current[0] != key:
-            trained = record(folder, what, name)
-            fmt = format_of(folder, what, name)
             self.current = None  # the previous weights go before the next are loaded
-            if fmt == "lora":
-                if self.base_pipe is None:
-                    self.base_pipe = self._load(lambda: load_pipeline(self.base, self.device))
-                remove_lora(self.base_pipe)
-                add_lora(self.base_pipe, folder, trained, self.base, what, name)
-                pipe = self.base_pipe
-            else:
-                pipe = self._load(lambda: load_full(folder, self.base, self.device, what, name,
-                                                    configs=self.work / "configs"))
+            try:
+                pipe, fmt = self._load_trained(folder, what, name)
+            except UserError:
+                if folder.parent == self.work / "cache":
+                    remove(folder)  # not kept: the same URL may serve a mended tarball next
+                raise
             self.current = (key, pipe, fmt)
             self.log(f"{what}: loaded {name} ({fmt}, {families.FAMILY_NAMES[families.of(pipe)]})")
         key, pipe, fmt = self.current
         if fmt == "lora":
             set_lora_scale(pipe, lora_scale)
         return pipe
+
+    def _load_trained(self, folder: Path, what: str, name: str):
+        trained = record(folder, what, name)
+        fmt = format_of(folder, what, name)
+        if fmt != "lora":
+            return self._load(lambda: load_full(folder, self.base, self.device, what, name,
+                                                configs=self.work / "configs")), fmt
+        if self.base_pipe is None:
+            self.base_pipe = self._load(lambda: load_pipeline(self.base, self.device))
+        remove_lora(self.base_pipe)
+        add_lora(self.base_pipe, folder, trained, self.base, what, name)
+        return self.base_pipe, fmt
 
     def _load(self, load):
         pipe = load()  # in fp32
