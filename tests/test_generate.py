@@ -160,6 +160,18 @@ def hostile(name: str, folder: Path, tmp: Path) -> Path:
                       junk)
     if name == "a bomb":
         return tar_of(folder, ["training.json"], path, {"zeros": bytes(64 << 20)}, mode="w:gz")
+    if name == "a file and a folder":
+        return tar_of(folder, full, path, {"lora": b"", "lora/x.safetensors": b""})
+    if name == "a pickled shard":  # loaders read whatever a shard index names: a pickle too
+        index = {"metadata": {}, "weight_map": {"conv_in.weight": "shard.dat"}}
+        return tar_of(folder, full, path, {
+            "unet/diffusion_pytorch_model.safetensors.index.json": json.dumps(index).encode(),
+            "unet/shard.dat": b"\x80\x04N."})
+    if name == "a forged training.json":
+        record = json.loads((folder / "training.json").read_text())
+        record["family"] = ["sd1"]
+        return tar_of(folder, PARTS["diffusers"], path,
+                      {"training.json": json.dumps(record).encode()})
     raise ValueError(name)
 
 
@@ -171,7 +183,12 @@ HOSTILE = {
     "no training.json": "is not a tarball the trainer wrote",
     "a part missing": "has no unet/",
     "damaged weights": "weights: damaged-weights.tar could not be loaded",
-    "a bomb": "weights: a-bomb.tar is a damaged archive (weights: a-bomb.tar expands past 1 MiB",
+    "a bomb": "weights: a-bomb.tar expands past 1 MiB; send the tarball the trainer returned",
+    "a file and a folder": "holds 'lora' both as a file and as a folder",
+    "a pickled shard": "holds a weight index ('unet/diffusion_pytorch_model.safetensors.index"
+                       ".json') that names files other than .safetensors",
+    "a forged training.json": "weights: the training.json of a-forged-training.json.tar is not "
+                              "the trainer's",
 }
 
 
@@ -191,18 +208,38 @@ def test_a_wrong_or_hostile_tarball_is_one_line_naming_it(trained, tmp_path, nam
     assert not (work / "cache").exists() or not list((work / "cache").iterdir())
 
 
-@pytest.mark.parametrize("base, message", [
-    ("tiny-sd2", "weights: lora.tar is a LoRA for SD 1.x, and this server's base model is "
-                 "SD 2.x"),
-    ("toy", "weights: lora.tar is a LoRA trained on 'tiny', and this server's base model is "
-            "'toy'"),
+@pytest.mark.parametrize("fmt, base, message", [
+    ("lora", "tiny-sd2", "weights: lora.tar is a LoRA for SD 1.x, and this server's base model "
+                         "is SD 2.x"),
+    ("lora", "toy", "weights: lora.tar is a LoRA trained on 'tiny', and this server's base "
+                    "model is 'toy'"),
+    ("single_file", "tiny-sd2", "weights: single_file.tar holds an SD 1.x single file, and "
+                                "this server's base model, whose configs it needs, is SD 2.x"),
 ])
-def test_a_lora_for_another_base_model_is_refused(trained, tmp_path, base, message):
+def test_weights_for_another_base_model_are_refused(trained, tmp_path, fmt, base, message):
     _, tarballs = trained
     generator = Generator(base, "cpu", tmp_path, 1 << 30, log=lambda line: None)
-    folder = generator.unpacked("lora", tarballs["lora"], "weights", "lora.tar")
-    with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
-        generator.pipeline("lora", folder, "weights", "lora.tar")
+    name = tarballs[fmt].name
+    folder = generator.unpacked(fmt, tarballs[fmt], "weights", name)
+    with pytest.raises(UserError) as error:
+        generator.pipeline(fmt, folder, "weights", name)
+    assert str(error.value).startswith(message), error.value
+
+
+def test_a_tarball_of_the_untarred_folder_loads_and_only_that_folder(trained, tmp_path):
+    """Users re-tar the folder they untarred (`tar cf dog.tar dog/`): one level down is fine,
+    and what lies beside the folder is not unpacked."""
+    folder, _ = trained
+    tarball = tmp_path / "dog.tar"
+    with tarfile.open(tarball, "w") as tar:
+        for name in ["training.json", *PARTS["lora"]]:
+            tar.add(folder / name, arcname=f"dog/{name}")
+        tar.add(folder / "training.json", arcname="elsewhere.json")
+    generator = Generator("tiny", "cpu", tmp_path / "server", 1 << 30, log=lambda line: None)
+    unpacked = generator.unpacked("dog", tarball, "weights", "dog.tar")
+    assert sorted(p.name for p in unpacked.iterdir()) == ["lora", "lora.safetensors",
+                                                          "training.json"]
+    assert generator.pipeline("dog", unpacked, "weights", "dog.tar") is generator.base_pipe
 
 
 def test_the_command_line_writes_pngs_and_answers_mistakes_in_one_line(trained, tmp_path,

@@ -103,9 +103,11 @@ def draw(pipe, config: GenerateConfig, log=print) -> list:
 def key_of(url: str | None, path: Path) -> str:
     """A cache key: the URL's hash (a URL names one tarball), else the file's."""
     digest = hashlib.sha256()
+    # Prefixed, so that no file's bytes can hash to the key of someone's URL.
     if url:
-        digest.update(url.encode())
+        digest.update(b"url\0" + url.encode())
     else:
+        digest.update(b"file\0")
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
@@ -139,9 +141,12 @@ class Generator:
             download()
         cache.mkdir(parents=True, exist_ok=True)
         keep = self.pinned | ({self.current[0]} if self.current else set())
-        for old in make_room(cache, self.max_cache_bytes, tarball.stat().st_size, keep):
-            self.log(f"{what}: removed {old} from the cache to make room")
-        return unpack(tarball, cache / key, what, name)
+
+        def room(nbytes: int) -> None:  # the expanded size, known once the tarball is checked
+            for old in make_room(cache, self.max_cache_bytes, nbytes, keep):
+                self.log(f"{what}: removed {old} from the cache to make room")
+
+        return unpack(tarball, cache / key, what, name, room)
 
     def pipeline(self, key: str, folder: Path, what: str, name: str, lora_scale: float = 1.0):
         """The pipeline of the trained folder (loaded unless it is the one last used), with a
@@ -149,10 +154,17 @@ class Generator:
         if self.current is None or self.current[0] != key:
             self.current = None  # the previous weights go before the next are loaded
             try:
-                pipe, fmt = self._load_trained(folder, what, name)
+                fmt = format_of(folder, what, name)
             except UserError:
-                if folder.parent == self.work / "cache":
-                    remove(folder)  # not kept: the same URL may serve a mended tarball next
+                self._forget(key, folder)
+                raise
+            if fmt == "lora" and self.base_pipe is None:
+                # The server's own model: its failure is no fault of the tarball's.
+                self.base_pipe = self._load(lambda: load_pipeline(self.base, self.device))
+            try:
+                pipe = self._load_trained(folder, fmt, what, name)
+            except UserError:
+                self._forget(key, folder)
                 raise
             self.current = (key, pipe, fmt)
             self.log(f"{what}: loaded {name} ({fmt}, {families.FAMILY_NAMES[families.of(pipe)]})")
@@ -161,17 +173,20 @@ class Generator:
             set_lora_scale(pipe, lora_scale)
         return pipe
 
-    def _load_trained(self, folder: Path, what: str, name: str):
+    def _load_trained(self, folder: Path, fmt: str, what: str, name: str):
         trained = record(folder, what, name)
-        fmt = format_of(folder, what, name)
         if fmt != "lora":
             return self._load(lambda: load_full(folder, self.base, self.device, what, name,
-                                                configs=self.work / "configs")), fmt
-        if self.base_pipe is None:
-            self.base_pipe = self._load(lambda: load_pipeline(self.base, self.device))
+                                                configs=self.work / "configs"))
         remove_lora(self.base_pipe)
         add_lora(self.base_pipe, folder, trained, self.base, what, name)
-        return self.base_pipe, fmt
+        return self.base_pipe
+
+    def _forget(self, key: str, folder: Path) -> None:
+        """Drop from the cache a tarball that failed to load: the same URL may serve a mended
+        one next (the model's own stays: setup said what is wrong with it)."""
+        if folder.parent == self.work / "cache" and key not in self.pinned:
+            remove(folder)
 
     def _load(self, load):
         pipe = load()  # in fp32

@@ -384,6 +384,8 @@ def _plain_tar(path: Path, role: str, limits: Limits):
                     if plain.tell() > budget:
                         raise UserError(f"{role}: {path.name} expands past "
                                         f"{limits.max_bytes >> 20} MiB; {limits.advice}")
+        except UserError:  # a ValueError too: not to be taken for a damaged archive
+            raise
         except UNREADABLE + (lzma.LZMAError,) as e:
             raise UserError(f"{role}: {path.name} is a damaged archive ({e})") from None
         plain.seek(0)

@@ -33,64 +33,111 @@ from safetensors import SafetensorError, safe_open
 from . import families
 from .card import base_model_id
 from .cleanup import remove
-from .errors import UserError
+from .errors import UserError, out_of_disk
 from .families import BUILTINS, FAMILY_NAMES
-from .intake import Limits, looks_like_tar, tar_members, unsafe_path
-from .models import PICKLE_SUFFIXES, SHIPPED, build_builtin, load_pipeline
+from .intake import TAR_MAGIC, Limits, looks_like_tar, tar_members, unsafe_path
+from .models import PICKLE_SUFFIXES, SHIPPED, build_builtin, check_model, load_pipeline
+from .single_file import checkpoint_family
 
 FORMATS = (("diffusers", "model_index.json"), ("single_file", "model.safetensors"),
            ("lora", "lora/pytorch_lora_weights.safetensors"), ("lora", "lora.safetensors"))
-MAX_FILES = 10000  # an SDXL folder with samples holds about 50
+MAX_FILES = 10000  # entries, folders included; an SDXL folder with samples holds about 50
 MAX_RATIO = 20.0   # safetensors hardly compress: a tarball that expands more is a bomb
+MAX_NAME = 1000    # characters in a member's path; the trainer's are under 100
+MAX_INDEX_BYTES = 16 << 20  # a shard index of an SDXL UNet is about 100 KiB
 ADVICE = "send the tarball the trainer returned"
 ADAPTER = "trained"  # the name the trained LoRA is loaded under
 # kohya's ss_base_model_version -> family, for a LoRA whose training.json names no family.
 KOHYA_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
-def unpack(tarball: Path, dest: Path, what: str, name: str | None = None) -> Path:
+def unpack(tarball: Path, dest: Path, what: str, name: str | None = None,
+           room=None) -> Path:
     """Unpack the trainer's `tarball` into `dest` (written as dest.partial and renamed, so a
     crash or a cancel never leaves a half folder); returns `dest`. `what` and `name` (the file's
-    name as the client knows it) are for the errors."""
+    name as the client knows it) are for the errors; `room(nbytes)`, if given, is called with
+    the expanded size once the tarball has passed its checks, before anything is written."""
     name = name or tarball.name
     if not looks_like_tar(tarball):
         raise UserError(f"{what}: {name} is not a tarball; {ADVICE} (a .tar)")
     free = shutil.disk_usage(dest.parent).free
+    with open(tarball, "rb") as f:  # a compressed one is decompressed to a temp file first
+        compressed = any(f.read(6).startswith(magic) for magic in TAR_MAGIC)
     limits = Limits(max_files=MAX_FILES, max_ratio=MAX_RATIO, advice=ADVICE,
-                    max_bytes=min(int(tarball.stat().st_size * MAX_RATIO), free))
+                    max_bytes=min(int(tarball.stat().st_size * MAX_RATIO),
+                                  free // 2 if compressed else free))
     members = {}
     for member, stream in tar_members(tarball, what, limits):
-        suffix = PurePosixPath(member.name).suffix.lower()
-        problem = ("a link" if member.issym() or member.islnk() else
-                   "a path outside its folder" if unsafe_path(member.name) else
-                   "something not a file" if not member.isfile() else
-                   "a pickle, which is not loaded here (unpickling can run code)"
-                   if suffix in PICKLE_SUFFIXES else None)
+        problem = _problem(member)
         if problem:
-            raise UserError(f"{what}: {name} holds {problem} ({member.name!r}); {ADVICE}")
-        members[PurePosixPath(member.name)] = stream
+            raise UserError(f"{what}: {name} holds {problem} ({member.name[:200]!r}); {ADVICE}")
+        members[PurePosixPath(member.name)] = (member, stream)
+    for path, (member, stream) in members.items():
+        clash = next((parent for parent in path.parents if parent in members), None)
+        if clash is not None:
+            raise UserError(f"{what}: {name} holds {str(clash)!r} both as a file and as a "
+                            f"folder; {ADVICE}")
+        if path.name.endswith(".index.json"):
+            _check_index(path, stream, what, name)
     # The trainer writes its files at the top; a tarball of the untarred folder has one level.
     tops = [p for p in members if p.name == "training.json" and len(p.parts) <= 2]
     if len(tops) != 1:
         raise UserError(f"{what}: {name} is not a tarball the trainer wrote (it holds "
                         f"{len(tops)} training.json at its top, not 1); {ADVICE}")
     top = tops[0].parent
+    ours = {path: stream for path, (_, stream) in members.items()
+            if top == PurePosixPath(".") or top in path.parents}  # beside it: not part of it
+    if room is not None:
+        room(sum(member.size for path, (member, _) in members.items() if path in ours))
     partial = dest.with_name(dest.name + ".partial")
     remove(partial)  # from a server killed while unpacking
     try:
-        for path, stream in members.items():
-            if top != PurePosixPath(".") and top not in path.parents:
-                continue  # beside the trained folder: not part of it
+        for path, stream in ours.items():
             target = partial / path.relative_to(top)
             target.parent.mkdir(parents=True, exist_ok=True)
             with stream() as source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
         remove(dest)
         os.replace(partial, dest)
-    except BaseException:  # a full disk, a cancel: an unpacked folder or none
+    except BaseException as e:  # a full disk, a cancel: an unpacked folder or none
         remove(partial)
+        if isinstance(e, OSError) and out_of_disk(e):
+            raise UserError(f"{what}: the server's disk is full; {name} could not be "
+                            f"unpacked") from None
         raise
     return dest
+
+
+def _problem(member) -> str | None:
+    """What is wrong with a tarball member, if anything: what the trainer writes is plain
+    files with ordinary names, and never a pickle."""
+    path = PurePosixPath(member.name)
+    if member.issym() or member.islnk():
+        return "a link"
+    if unsafe_path(member.name):
+        return "a path outside its folder"
+    if not member.isfile():
+        return "something not a file"
+    if len(member.name) > MAX_NAME or any(len(os.fsencode(p)) > 255 for p in path.parts):
+        return "a name too long for a file"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return "a pickle, which is not loaded here (unpickling can run code)"
+    return None
+
+
+def _check_index(path: PurePosixPath, stream, what: str, name: str) -> None:
+    """A shard index (*.index.json) makes diffusers and transformers load the files it names,
+    whatever their suffix, a pickled shard included: it may name only .safetensors files."""
+    with stream() as f:
+        payload = f.read(MAX_INDEX_BYTES + 1)
+    try:
+        shards = json.loads(payload)["weight_map"].values()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        shards = None
+    if len(payload) > MAX_INDEX_BYTES or shards is None or not all(
+            isinstance(s, str) and s.endswith(".safetensors") and "/" not in s for s in shards):
+        raise UserError(f"{what}: {name} holds a weight index ({str(path)!r}) that names files "
+                        f"other than .safetensors; {ADVICE}")
 
 
 def record(folder: Path, what: str, name: str | None = None) -> dict:
@@ -100,7 +147,9 @@ def record(folder: Path, what: str, name: str | None = None) -> dict:
         data = json.loads((folder / "training.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{what}: {name} holds no readable training.json; {ADVICE}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or any(
+            not isinstance(value, (str, type(None))) for value in (
+                data.get("family"), data.get("base_model"), data["config"].get("model"))):
         raise UserError(f"{what}: the training.json of {name} is not the trainer's; {ADVICE}")
     return data
 
@@ -120,6 +169,8 @@ def load_full(folder: Path, base: str, device, what: str, name: str | None = Non
     the configs and tokenizers of `base` (a built-in base is written out to `configs` first)."""
     name = name or folder.name
     fmt = format_of(folder, what, name)
+    if fmt == "single_file":
+        _same_family(folder / "model.safetensors", base, what, name)
     try:
         if fmt == "diffusers":
             return load_pipeline(str(folder), device, what=what)
@@ -129,6 +180,21 @@ def load_full(folder: Path, base: str, device, what: str, name: str | None = Non
     except UserError as e:
         raise UserError(_renamed(str(e), folder, what, name)) from None
     raise ValueError(f"{folder} holds a LoRA, not full weights: use add_lora")
+
+
+def _same_family(path: Path, base: str, what: str, name: str) -> None:
+    """A single file takes the base model's configs: refuse one of another family in words of
+    the client's, before diffusers names the server's folders."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            theirs = checkpoint_family(list(f.keys()))
+    except (SafetensorError, OSError):
+        return  # unreadable: load_pipeline says so
+    ours = check_model(base)
+    if theirs is not None and theirs != ours:
+        raise UserError(f"{what}: {name} holds an {FAMILY_NAMES[theirs]} single file, and this "
+                        f"server's base model, whose configs it needs, is {FAMILY_NAMES[ours]}: "
+                        f"serve it on an {FAMILY_NAMES[theirs]} base model (BASE_MODEL)")
 
 
 def config_folder(base: str, configs: Path | None) -> str:
@@ -202,7 +268,7 @@ def _kohya_family(path: Path) -> str | None:
 
 def _renamed(message: str, folder: Path, what: str, name: str) -> str:
     """An error about an unpacked folder of the server, naming the tarball instead."""
-    message = message.replace(f"{what}: {folder.name}", f"{what}: {name}")
+    message = message.replace(f"{what}: {folder.name} ", f"{what}: {name} ")  # named()'s
     return message.replace(repr(str(folder)), name).replace(str(folder), name)
 
 
