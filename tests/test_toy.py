@@ -77,3 +77,23 @@ def test_the_quickstart_writes_photos_the_trainer_reads_and_draws_a_contact_shee
     sheet = Image.open(quickstart.sheet(ROOT / "toy" / "model", photos, tmp_path / "sheet.png"))
     rows = 1 + 4 + 1  # the photos; green, blue, yellow and red; the plain class
     assert sheet.size == (4 + quickstart.PER_ROW * (96 + 4), 4 + rows * (16 + 96 + 4))
+
+
+def test_the_benchmark_summarizes_each_recipe_by_its_mean_and_worst_seed():
+    """What decisions are read from: a recipe over seeds, mean and worst (lowest, or highest
+    for PRES, where lower is better), and the spread between seeds."""
+    rows = [dict(variant=name, seed=seed, train_seconds=60.0 + seed, seen_bg_subject=subject,
+                 novel_bg_both=0.5, world=1.0 - seed / 10, world_held_out=0.9, pres=pres,
+                 div=0.4)
+            for name, runs in (("default", [(0, 0.7, 0.0), (1, 0.9, 0.1), (2, 0.8, 0.05)]),
+                               ("no_prior", [(0, 1.0, 0.9)]))
+            for seed, subject, pres in runs]
+    default, no_prior = toy_bench.summarize(rows)
+    assert (default["variant"], default["seeds"], no_prior["seeds"]) == ("default", [0, 1, 2],
+                                                                         [0])
+    assert default["seen_bg_subject"] == pytest.approx({"mean": 0.8, "worst": 0.7,
+                                                        "spread": 0.2})
+    assert default["pres"]["worst"] == 0.1 and default["world"]["worst"] == pytest.approx(0.8)
+    assert default["train_seconds"] == 61.0
+    table = toy_bench.summary_table([default, no_prior]).splitlines()
+    assert table[2].startswith("| default | 0 1 2 | 0.80 (0.70) | 0.50 (0.50) | 0.90 (0.80) |")

@@ -4,6 +4,7 @@
     nice -n 10 python -m toy.bench                         # every variant (QUALITY.md)
     nice -n 10 python -m toy.bench --variants default no_prior --seeds 0 1
     nice -n 10 python -m toy.bench --variants frozen_text lora --set prior_loss_weight=1.0
+    python -m toy.bench --summary toy_bench.json           # mean and worst seed per variant
 
 The subject (world.SUBJECT, a white circle with a black core, which the pretrained `toy`
 model never saw) is photographed INSTANCE_IMAGES times at random sizes and places on green, blue and
@@ -21,7 +22,13 @@ paper's terms:
   DIV               mean pairwise RMS pixel distance among those plain samples, 0-1 (higher is
                     better: the class kept its variety)
   world             share of world prompts (`a photo of a red star on a blue background`) still
-                    drawn right after fine-tuning (language drift)
+                    drawn right after fine-tuning (language drift): seen combinations, and
+                    world_held_out for the HELD_OUT ones
+  novel bg both     subject and background both right on red, never photographed
+
+With several seeds, each variant is also summarized: the mean and the worst seed of each
+headline column (HEADLINE), and the spread between seeds, the noise a difference between two
+variants must exceed. On a CPU a run is bit-identical for a seed: the noise is across seeds.
 
 `--base` measures the base model on the world's prompts (seen combinations, HELD_OUT ones, and
 captions without the shape colour): the ceiling for prompt fidelity. Results go to a JSON file
@@ -151,16 +158,19 @@ def dreambooth_metrics(pipe, n_per_background: int = 16, n_class: int = 64,
     novel = np.array([bg == world.SUBJECT_NEW_BACKGROUND for bg in wanted])
     plain = sample(pipe, [CLASS_PROMPT] * n_class, seed + 1)
     plain_scores = score.score(plain)
-    drift = world_fidelity(pipe, n=32, seed=seed + 2)["seen"]["all"]
+    drift = world_fidelity(pipe, n=32, seed=seed + 2)
+    seen = ~novel
     return {"subject_fidelity": float(subject.mean()), "prompt_fidelity": float(on_bg.mean()),
             "both": float((subject & on_bg).mean()),
+            "seen_bg_subject": float(subject[seen].mean()),
             "novel_bg_subject": float(subject[novel].mean()),
             "novel_bg_prompt": float(on_bg[novel].mean()),
+            "novel_bg_both": float((subject & on_bg)[novel].mean()),
             "pres": float(np.mean([s["subject"] for s in plain_scores])),
             "div": round(diversity(plain), 4),
             "class_is_circle": float(np.mean([s["shape"] == world.SUBJECT["shape"]
                                               for s in plain_scores])),
-            "world": drift}
+            "world": drift["seen"]["all"], "world_held_out": drift["held_out"]["all"]}
 
 
 def train_variant(overrides: dict, work: Path, seed: int = 0, log=lambda _: None) -> Path:
@@ -216,7 +226,7 @@ def base_report(n: int, seed: int) -> dict:
 
 
 COLUMNS = ["variant", "seed", "subject_fidelity", "prompt_fidelity", "both", "novel_bg_subject",
-           "pres", "div", "world", "train_seconds"]
+           "novel_bg_both", "pres", "div", "world", "world_held_out", "train_seconds"]
 
 
 def table(rows: list[dict]) -> str:
@@ -225,6 +235,49 @@ def table(rows: list[dict]) -> str:
         cells = [f"{r[c]:.2f}" if isinstance(r[c], float) and c != "train_seconds" else
                  str(r[c]) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The headline of a recipe over seeds: (column, what it is, whether higher is better). The
+# worst seed is the lowest for a higher-is-better column, the highest for PRES.
+HEADLINE = [("seen_bg_subject", "subject on the photographed backgrounds", True),
+            ("novel_bg_both", "subject and background right on red (never photographed)", True),
+            ("world", "world prompts after training, seen combinations", True),
+            ("world_held_out", "world prompts after training, held-out combinations", True),
+            ("pres", "PRES: plain class samples showing the subject", False),
+            ("div", "DIV of the plain class samples", True)]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant, in the order first seen: the seeds, and the mean and worst seed of each
+    HEADLINE column, the spread between seeds (max - min), and the mean training time."""
+    variants = {}
+    for row in rows:
+        variants.setdefault(row["variant"], []).append(row)
+    summary = []
+    for name, runs in variants.items():
+        entry = {"variant": name, "seeds": [r["seed"] for r in runs],
+                 "train_seconds": float(np.mean([r["train_seconds"] for r in runs]))}
+        for column, _, higher in HEADLINE:
+            values = [r[column] for r in runs]
+            entry[column] = {"mean": float(np.mean(values)),
+                             "worst": min(values) if higher else max(values),
+                             "spread": max(values) - min(values)}
+        summary.append(entry)
+    return summary
+
+
+def summary_table(summary: list[dict], base_div: float | None = None) -> str:
+    """Markdown: a row per variant, each headline column as `mean (worst)`."""
+    head = ["variant", "seeds", *(c for c, _, _ in HEADLINE), "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in summary:
+        cells = [entry["variant"], " ".join(map(str, entry["seeds"]))]
+        cells += [f"{entry[c]['mean']:.2f} ({entry[c]['worst']:.2f})" for c, _, _ in HEADLINE]
+        cells.append(f"{entry['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if base_div is not None:
+        lines.append(f"\nThe base model's DIV on the same plain-class samples: {base_div:.2f}.")
     return "\n".join(lines)
 
 
@@ -241,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a TrainConfig setting in every variant, e.g. "
                              "--set prior_loss_weight=1.0")
+    parser.add_argument("--summary", metavar="JSON",
+                        help="only print the per-variant summary (mean and worst seed) of the "
+                             "rows in a JSON file an earlier run wrote")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary_table(summarize(json.loads(Path(args.summary).read_text()))))
+        return 0
     changes = {}
     for item in args.set:
         key, value = item.split("=", 1)
@@ -264,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
+    print(summary_table(summarize(rows)))
     return 0
 
 
