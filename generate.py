@@ -29,7 +29,6 @@ from cog import BasePredictor, Input, Path
 from train import cog_files  # replaces Cog's URLPath.convert: file inputs are fetched here
 from train.cleanup import remove, remove_leftovers
 from train.config import field_type, fields
-from train.download import fetch
 from train.errors import UserError
 from train.generate import GenerateConfig, Generator, draw, key_of
 
@@ -69,25 +68,22 @@ class Predictor(BasePredictor):
         what = "COG_WEIGHTS"
         if source.startswith(("http://", "https://")):
             name = source.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "weights.tar"
-            tarball = self.work / "download" / name
+            tarball, key = self.work / "download" / name, key_of(source, None)
             tarball.parent.mkdir(exist_ok=True)
-            download = lambda: fetch(  # noqa: E731
-                source, tarball, log=lambda line: print(f"{what}: {line}", flush=True),
-                max_bytes=cog_files.MAX_DOWNLOAD_MIB << 20, timeout=cog_files.DOWNLOAD_TIMEOUT,
-                user_agent=os.environ.get("COG_USER_AGENT"))
             try:
-                folder = self.generator.unpacked(key_of(source, tarball), tarball, what, name,
-                                                 download)
+                folder = self.generator.unpacked(
+                    key, tarball, what, name,
+                    lambda: cog_files.download(what, source, str(tarball)))
             finally:
                 remove(tarball.parent)
-            return key_of(source, tarball), folder, what, name
+            return key, folder, what, name
         path = LocalPath(source)
         if not path.exists():
             raise UserError(f"{what}: {source} is neither an http(s) URL nor a file or folder")
         if path.is_dir():
             return str(path.resolve()), path, what, path.name
-        return key_of(None, path), self.generator.unpacked(key_of(None, path), path, what,
-                                                           path.name), what, path.name
+        key = key_of(None, path)  # hashes the whole file: once
+        return key, self.generator.unpacked(key, path, what, path.name), what, path.name
 
     def predict(
         self,

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .cleanup import remove
 from .config import TrainConfig, effective_lr
 from .errors import UserError
-from .intake import Example, Limits, input_path, looks_like_tar, tar_members, unsafe_path
+from .intake import Example, Limits, input_path, looks_like_tar, member_problem, tar_members
 from .loop import LoopState
 
 # Settings a resumed run may change: where things go, how often to save, what to render and
@@ -163,9 +163,7 @@ def _tar_files(path: Path, config: TrainConfig) -> dict:
                     advice="resume from a checkpoint tarball this trainer wrote")
     files = {}
     for member, stream in tar_members(path, "resume", limits):
-        what = ("a link" if member.issym() or member.islnk() else
-                "a path outside its folder" if unsafe_path(member.name) else
-                None if member.isfile() else "something not a file")
+        what = member_problem(member)
         if what:
             raise UserError(f"resume: {path.name} holds {what} ({member.name!r}); a checkpoint "
                             f"tarball holds one folder of files, as this trainer writes it")

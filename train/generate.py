@@ -100,7 +100,7 @@ def draw(pipe, config: GenerateConfig, log=print) -> list:
                     scheduler=sampler(pipe, SCHEDULERS[config.scheduler]), log=log)
 
 
-def key_of(url: str | None, path: Path) -> str:
+def key_of(url: str | None, path: Path | None) -> str:
     """A cache key: the URL's hash (a URL names one tarball), else the file's."""
     digest = hashlib.sha256()
     # Prefixed, so that no file's bytes can hash to the key of someone's URL.

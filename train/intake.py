@@ -263,7 +263,7 @@ def looks_like_tar(path: Path) -> bool:
     """Whether a file starts as a tar archive does (plain, or gzip/bz2/xz-compressed), from its
     first (decompressed) header block alone: tarfile.is_tarfile reads the whole file to decide,
     over a minute for 512 MiB of zeros, which it then takes for an empty tar."""
-    opener = _decompressor(path)
+    opener = decompressor(path)
     try:
         with (opener(path) if opener else open(path, "rb")) as f:
             block = f.read(512)
@@ -349,6 +349,18 @@ def tar_members(path: Path, role: str, limits: Limits):
         yield member, lambda member=member: archive.extractfile(member)
 
 
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member cannot be unpacked as one of a folder's files, if it cannot: a link
+    (never followed), a path outside the folder, or something not a regular file."""
+    if member.issym() or member.islnk():
+        return "a link"
+    if unsafe_path(member.name):
+        return "a path outside its folder"
+    if not member.isfile():
+        return "something not a file"
+    return None
+
+
 def unsafe_path(name: str) -> bool:
     """Whether an archive member's name would land outside the folder it is extracted into."""
     parts = PurePosixPath(name).parts
@@ -358,7 +370,7 @@ def unsafe_path(name: str) -> bool:
 TAR_MAGIC = {b"\x1f\x8b": gzip.GzipFile, b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
 
 
-def _decompressor(path: Path):
+def decompressor(path: Path):
     """The file class that decompresses `path` (gzip, bz2, xz, by its first bytes), or None."""
     with path.open("rb") as file:
         head = file.read(6)
@@ -371,7 +383,7 @@ def _plain_tar(path: Path, role: str, limits: Limits):
     a bomb stops at the size limit and members can then be read in any order without
     re-decompressing. Headers are walked before tarfile parses them: tarfile would hold a
     gigabyte "long name" in memory."""
-    opener = _decompressor(path)
+    opener = decompressor(path)
     if opener is None:
         plain = path.open("rb")
     else:

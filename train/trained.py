@@ -35,7 +35,7 @@ from .card import base_model_id
 from .cleanup import remove
 from .errors import UserError, out_of_disk
 from .families import BUILTINS, FAMILY_NAMES
-from .intake import TAR_MAGIC, Limits, looks_like_tar, tar_members, unsafe_path
+from .intake import Limits, decompressor, looks_like_tar, member_problem, tar_members
 from .models import PICKLE_SUFFIXES, SHIPPED, build_builtin, check_model, load_pipeline
 from .single_file import checkpoint_family
 
@@ -61,8 +61,7 @@ def unpack(tarball: Path, dest: Path, what: str, name: str | None = None,
     if not looks_like_tar(tarball):
         raise UserError(f"{what}: {name} is not a tarball; {ADVICE} (a .tar)")
     free = shutil.disk_usage(dest.parent).free
-    with open(tarball, "rb") as f:  # a compressed one is decompressed to a temp file first
-        compressed = any(f.read(6).startswith(magic) for magic in TAR_MAGIC)
+    compressed = decompressor(tarball) is not None  # decompressed to a temp file first
     limits = Limits(max_files=MAX_FILES, max_ratio=MAX_RATIO, advice=ADVICE,
                     max_bytes=min(int(tarball.stat().st_size * MAX_RATIO),
                                   free // 2 if compressed else free))
@@ -112,12 +111,9 @@ def _problem(member) -> str | None:
     """What is wrong with a tarball member, if anything: what the trainer writes is plain
     files with ordinary names, and never a pickle."""
     path = PurePosixPath(member.name)
-    if member.issym() or member.islnk():
-        return "a link"
-    if unsafe_path(member.name):
-        return "a path outside its folder"
-    if not member.isfile():
-        return "something not a file"
+    problem = member_problem(member)
+    if problem:
+        return problem
     if len(member.name) > MAX_NAME or any(len(os.fsencode(p)) > 255 for p in path.parts):
         return "a name too long for a file"
     if path.suffix.lower() in PICKLE_SUFFIXES:
