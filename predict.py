@@ -184,7 +184,7 @@ class Predictor(BasePredictor):
             description="Caption by folders, JoePenna-style: a top folder names the subject, the next its class, the next a caption prefix (bingo/dog/a picture of/x.jpg -> 'a picture of bingo dog')"),
         concepts: Optional[str] = Input(
             default=None,
-            description="Several subjects in one run: a JSON list of {instance_prompt, class_prompt, instance_data, class_data, num_class_images}, where instance_data and class_data name folders inside the instance_data and class_data archives; omitted prompts and counts default to the inputs above"),
+            description="Several subjects in one run: a JSON list of {instance_prompt, class_prompt, instance_data, class_data, num_class_images, prior_prompts (a list)}, where instance_data and class_data name folders inside the instance_data and class_data archives; omitted prompts and counts default to the inputs above"),
         text_encoder_lr: Optional[float] = Input(
             default=None, ge=0.0, le=1.0,
             description="Learning rate of the text encoder (default: learning_rate)"),
@@ -240,6 +240,15 @@ class Predictor(BasePredictor):
         class_scheduler: str = Input(
             default="dpm++", choices=["dpm++", "base", "ddim", "euler"],
             description="Sampler for the generated class images: dpm++ (DPM-Solver++, at least as accurate in 25 steps as the base model's own sampler in 50: half the time), base (the base model's own, e.g. PNDM for SD 1.5), ddim or euler"),
+        prior_source: str = Input(
+            default="class_images", choices=["class_images", "base_model"],
+            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
+        prior_prompts: Optional[str] = Input(
+            default=None,
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): class images are generated from these and class_prompt in turn; with base_model each step keeps one of them or the photo's own caption with the class in place of the subject"),
+        class_guidance_scale: float = Input(
+            default=7.5, ge=0.0, le=50.0,
+            description="Classifier-free guidance scale for the generated class images"),
         # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
@@ -369,7 +378,7 @@ class Predictor(BasePredictor):
             description="Caption by folders, JoePenna-style: a top folder names the subject, the next its class, the next a caption prefix (bingo/dog/a picture of/x.jpg -> 'a picture of bingo dog')"),
         concepts: Optional[str] = Input(
             default=None,
-            description="Several subjects in one run: a JSON list of {instance_prompt, class_prompt, instance_data, class_data, num_class_images}, where instance_data and class_data name folders inside the instance_data and class_data archives; omitted prompts and counts default to the inputs above"),
+            description="Several subjects in one run: a JSON list of {instance_prompt, class_prompt, instance_data, class_data, num_class_images, prior_prompts (a list)}, where instance_data and class_data name folders inside the instance_data and class_data archives; omitted prompts and counts default to the inputs above"),
         text_encoder_lr: Optional[float] = Input(
             default=None, ge=0.0, le=1.0,
             description="Learning rate of the text encoder (default: learning_rate)"),
@@ -425,6 +434,15 @@ class Predictor(BasePredictor):
         class_scheduler: str = Input(
             default="dpm++", choices=["dpm++", "base", "ddim", "euler"],
             description="Sampler for the generated class images: dpm++ (DPM-Solver++, at least as accurate in 25 steps as the base model's own sampler in 50: half the time), base (the base model's own, e.g. PNDM for SD 1.5), ddim or euler"),
+        prior_source: str = Input(
+            default="class_images", choices=["class_images", "base_model"],
+            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
+        prior_prompts: Optional[str] = Input(
+            default=None,
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): class images are generated from these and class_prompt in turn; with base_model each step keeps one of them or the photo's own caption with the class in place of the subject"),
+        class_guidance_scale: float = Input(
+            default=7.5, ge=0.0, le=50.0,
+            description="Classifier-free guidance scale for the generated class images"),
         # End of what script/schema writes.
     ) -> TrainingOutput:
         """The same training through Cog's training API (`train:` in generate.yaml): Replicate

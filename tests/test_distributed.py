@@ -53,16 +53,22 @@ def test_a_config_goes_through_the_command_line_unchanged(tmp_path):
     assert TrainConfig(**vars(build_parser().parse_args(argv))) == config
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_zip):
+# The base model's prior draws a prior prompt per row of the global batch: the same in both.
+PRIOR = dict(prior_source="base_model", prior_prompts="a photo of a ball on grass")
+
+
+@pytest.mark.parametrize("prior", [{}, PRIOR], ids=["class_images", "base_model"])
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_zip, prior):
     """2 processes x train_batch_size 1 against 1 process x 2: the same batches, class images,
     noise and timesteps; only the order of floating-point sums differs."""
-    child = torchrun(RUN + ["--instance-data", str(photos_zip), "--max-train-steps", "4",
-                            "--output", str(tmp_path / "two.tar"),
-                            "--work-dir", str(tmp_path / "work")], tmp_path)
+    flags = [x for k, v in prior.items() for x in ("--" + k.replace("_", "-"), v)]
+    child = torchrun(RUN + flags + ["--instance-data", str(photos_zip), "--max-train-steps", "4",
+                                    "--output", str(tmp_path / "two.tar"),
+                                    "--work-dir", str(tmp_path / "work")], tmp_path)
     log = child.communicate(timeout=600)[0]
     assert child.returncode == 0, log
     one, _ = train_tiny(tmp_path, photos_zip, name="one", num_class_images=3,
-                        save_precision="fp32", train_batch_size=2)
+                        save_precision="fp32", train_batch_size=2, **prior)
     two = untar(tmp_path / "two.tar", tmp_path / "two")
     assert list((tmp_path / "work").iterdir()) == []  # every process cleaned up
     # rank 0 alone logs: one summary, one line per step

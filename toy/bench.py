@@ -69,6 +69,22 @@ SAMPLE = dict(steps=25, guidance=7.5)
 BENCH = dict(model="toy", resolution=64, max_train_steps=800, num_class_images=50,
              class_infer_steps=SAMPLE["steps"], learning_rate=1e-4, prior_loss_weight=0.25,
              sample_batch_size=25, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT)
+# The class in the world's other contexts, for the prior (the prior_prompts setting): every
+# caption form of a circle scene but the HELD_OUT combinations, which measure what the model
+# keeps without being shown it.
+CONTEXTS = "\n".join(
+    [world.caption("circle", colour, bg) for colour in world.COLOURS for bg in world.COLOURS
+     if colour != bg and ("circle", colour, bg) not in world.HELD_OUT]
+    + [world.caption("circle", None, bg) for bg in world.COLOURS]
+    + [world.caption("circle", colour, None) for colour in world.COLOURS])
+# Beyond the class: every caption form of every shape (HELD_OUT combinations still left out),
+# for a prior that keeps the rest of the world too.
+WORLD_CONTEXTS = "\n".join(
+    [world.caption(shape, colour, bg) for shape in world.SHAPES for colour in world.COLOURS
+     for bg in world.COLOURS if colour != bg and (shape, colour, bg) not in world.HELD_OUT]
+    + [world.caption(shape, None, bg) for shape in world.SHAPES for bg in world.COLOURS]
+    + [world.caption(shape, colour, None) for shape in world.SHAPES for colour in world.COLOURS]
+    + [world.caption(shape) for shape in world.SHAPES])
 VARIANTS = {
     "default": {},
     "prior_weight_1": {"prior_loss_weight": 1.0},
@@ -83,6 +99,16 @@ VARIANTS = {
     "steps_1600": {"max_train_steps": 1600},
     "plain_captions": {"_captions": False},
     "pad_tokens": {"pad_tokens": True},
+    "class_guidance_3": {"class_guidance_scale": 3.0},
+    "class_contexts": {"prior_prompts": CONTEXTS},
+    "base_prior": {"prior_source": "base_model", "prior_loss_weight": 1.0},
+    "base_prior_contexts": {"prior_source": "base_model", "prior_loss_weight": 1.0,
+                            "prior_prompts": CONTEXTS},
+    "base_prior_world": {"prior_source": "base_model", "prior_loss_weight": 1.0,
+                         "prior_prompts": WORLD_CONTEXTS},
+    "base_prior_contexts_lora": {"prior_source": "base_model", "prior_loss_weight": 1.0,
+                                 "prior_prompts": CONTEXTS, "use_lora": True,
+                                 "learning_rate": 1e-3},
 }
 
 

@@ -278,6 +278,8 @@ def stored_class_images(folder: Path, concepts: list) -> list:
         with Image.open(path) as image:
             image = image.convert("RGB")
         concept = int(name.split("/")[1]) if name.count("/") == 2 else 0  # generated/k/i.png
-        examples.append(Example(name, concepts[concept].class_prompt, image.size, image,
+        caption = path.with_suffix(".txt")  # beside it when prior_prompts varied the prompt
+        examples.append(Example(name, caption.read_text() if caption.is_file()
+                                else concepts[concept].class_prompt, image.size, image,
                                 concept=concept))
     return examples

@@ -28,6 +28,8 @@ LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
 # Samplers for the generated class images (train/sampling.py SAMPLERS); "base" is the model's own.
 CLASS_SCHEDULERS = ["dpm++", "base", "ddim", "euler"]
+# Where prior preservation's targets come from (train/prior.py).
+PRIOR_SOURCES = ["class_images", "base_model"]
 # Any combination of the three formats, in one canonical order (Cog shows these as a menu).
 OUTPUT_FORMATS = ["auto", "diffusers", "single_file", "lora", "diffusers,single_file",
                   "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"]
@@ -81,6 +83,19 @@ class TrainConfig:
         True, "Also train on class images so the model keeps its idea of the class")
     prior_loss_weight: float = setting(
         1.0, "Weight of the class (prior-preservation) half of the loss", ge=0.0, le=1000.0)
+    prior_source: str = setting(
+        "class_images", "Where prior preservation's targets come from: class_images (the "
+                        "paper's: images of the class, generated before training, trained on "
+                        "beside the photos) or base_model (no class images: the base model's own "
+                        "prediction for the class prompt on each step's noisy photo, with the "
+                        "LoRA switched off or from a frozen copy)", choices=PRIOR_SOURCES)
+    prior_prompts: str | None = setting(
+        None, "The class in other contexts for the prior, one prompt a line (e.g. 'a photo of "
+              "a dog on the beach'): class images are generated from these and class_prompt in "
+              "turn; with base_model each step keeps one of them or the photo's own caption "
+              "with the class in place of the subject")
+    class_guidance_scale: float = setting(
+        7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)
     class_infer_steps: int = setting(
         25, "Sampling steps for each generated class image", ge=1, le=1000)
     class_scheduler: str = setting(
@@ -98,9 +113,9 @@ class TrainConfig:
                "of bingo dog')")
     concepts: str | None = setting(
         None, "Several subjects in one run: a JSON list of {instance_prompt, class_prompt, "
-              "instance_data, class_data, num_class_images}, where instance_data and class_data "
-              "name folders inside the instance_data and class_data archives; omitted prompts "
-              "and counts default to the inputs above")
+              "instance_data, class_data, num_class_images, prior_prompts (a list)}, where "
+              "instance_data and class_data name folders inside the instance_data and "
+              "class_data archives; omitted prompts and counts default to the inputs above")
 
     # --- Samples rendered with the trained model --------------------------------------------
     save_sample_prompt: str | None = setting(
@@ -297,6 +312,12 @@ class TrainConfig:
                             f"{MAX_EVAL_PROMPTS} (the paper uses 25)")
         for n, prompt in enumerate(prompts, 1):
             check_prompt(f"eval_prompts line {n}", prompt)
+        prior = lines(self.prior_prompts)
+        if len(prior) > MAX_EVAL_PROMPTS:
+            raise UserError(f"prior_prompts holds {len(prior)} prompts; at most "
+                            f"{MAX_EVAL_PROMPTS}")
+        for n, prompt in enumerate(prior, 1):
+            check_prompt(f"prior_prompts line {n}", prompt)
         if not self.instance_data:
             raise UserError("instance_data is required: a ZIP (or folder) of 3-20 photos of the "
                             "subject")
@@ -309,7 +330,11 @@ class TrainConfig:
                     raise UserError("class_prompt is needed with prior preservation: give one, "
                                     "e.g. 'a photo of a dog', or set with_prior_preservation to "
                                     "false")
-            if self.num_class_images < 1:
+            if self.prior_source == "base_model" and self.class_data:
+                raise UserError("class_data is not used with prior_source base_model, which "
+                                "needs no class images: leave class_data out, or set "
+                                "prior_source to class_images")
+            if self.num_class_images < 1 and self.prior_source == "class_images":
                 raise UserError("num_class_images must be at least 1 with prior preservation, "
                                 "or set with_prior_preservation to false")
         for name in ("adam_beta1", "adam_beta2"):
@@ -361,7 +386,7 @@ class TrainConfig:
         """The user's evaluation prompts (None: the paper's)."""
         if self.eval_prompts is None:
             return None
-        return [line.strip() for line in self.eval_prompts.splitlines() if line.strip()]
+        return lines(self.eval_prompts)
 
     def formats(self) -> list[str]:
         """The output formats to write, "auto" resolved."""
@@ -370,6 +395,11 @@ class TrainConfig:
         else:
             formats = self.output_format.split(",")
         return formats + ["lora"] if self.extract_lora and "lora" not in formats else formats
+
+
+def lines(text: str | None) -> list[str]:
+    """The non-empty lines of a text setting, stripped."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
 @dataclass
@@ -381,10 +411,11 @@ class Concept:
     folder: str
     class_folder: str | None
     num_class_images: int
+    prior_prompts: tuple[str, ...] = ()  # the class in other contexts (prior_prompts)
 
 
 CONCEPT_KEYS = {"instance_prompt", "class_prompt", "instance_data", "class_data",
-                "num_class_images"}
+                "num_class_images", "prior_prompts"}
 
 
 def concepts_of(config: TrainConfig) -> list[Concept]:
@@ -392,7 +423,7 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
     default_class = "" if config.class_data else None
     if not config.concepts:
         return [Concept(config.instance_prompt, config.class_prompt, "", default_class,
-                        config.num_class_images)]
+                        config.num_class_images, tuple(lines(config.prior_prompts)))]
     try:
         items = json.loads(config.concepts)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -433,9 +464,16 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
                 not 0 <= count <= MAX_CLASS_IMAGES:
             raise UserError(f"concept {n}: num_class_images must be a whole number from 0 to "
                             f"{MAX_CLASS_IMAGES}")
+        prior = item.get("prior_prompts", lines(config.prior_prompts))
+        if not isinstance(prior, list) or not all(isinstance(p, str) for p in prior) \
+                or len(prior) > MAX_EVAL_PROMPTS:
+            raise UserError(f"concept {n}: prior_prompts must be a list of at most "
+                            f"{MAX_EVAL_PROMPTS} prompts")
+        for prompt_n, prior_prompt in enumerate(prior, 1):
+            check_prompt(f"concept {n}: prior_prompts item {prompt_n}", prior_prompt)
         concepts.append(Concept(prompt, class_prompt, _folder(folder),
                                 None if class_folder is None else _folder(str(class_folder)),
-                                count))
+                                count, tuple(p.strip() for p in prior if p.strip())))
     wanted = sum(c.num_class_images for c in concepts)
     if wanted > MAX_CLASS_IMAGES:
         raise UserError(f"concepts ask for {wanted} class images in all; at most "

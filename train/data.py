@@ -46,6 +46,12 @@ class TrainingData:
     prompt_emb: torch.Tensor | None  # [n_prompts, 77, dim] when the text encoders are frozen
     prompt_pooled: torch.Tensor | None  # SDXL, frozen: [n_prompts, dim] pooled projection
     pairs: list[tuple]           # one epoch of (instance index, class index or None)
+    # prior_source base_model (train/prior.py): per instance image, the prompt-table indices of
+    # its prior prompts; and the base text encoders' embeddings of every prompt, for the base
+    # model's predictions (the same as prompt_emb/prompt_pooled when the text encoder is frozen)
+    prior_index: list[torch.Tensor] | None = None
+    base_emb: torch.Tensor | None = None
+    base_pooled: torch.Tensor | None = None
 
 
 def crop_box(image_size: tuple[int, int], size: tuple[int, int], center_crop: bool,
@@ -161,18 +167,22 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
 
 def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[Example],
             classes: list[Example], resolution: int, center_crop: bool, cache_embeddings: bool,
-            seed: int, flip: bool = False, aspect_buckets: bool = False) -> TrainingData:
+            seed: int, flip: bool = False, aspect_buckets: bool = False,
+            prior: list[list[str]] | None = None) -> TrainingData:
     """Encode every image once and tokenize every distinct caption once (with each tokenizer of
-    `family`, a module of train/families, paired with `text_encoders`)."""
+    `family`, a module of train/families, paired with `text_encoders`). `prior` (base-model
+    prior preservation): each instance image's prior prompts, tokenized too, and embedded once
+    by the text encoders as they are now (the base model's)."""
     device = vae.device
-    prompts = sorted({ex.caption for ex in instance + classes})
+    prompts = sorted({ex.caption for ex in instance + classes}
+                     | {p for kept in prior or [] for p in kept})
     index = {p: i for i, p in enumerate(prompts)}
     tokenized = [tokenize(tokenizer, prompts) for tokenizer in tokenizers]
     ids = [i.to(device) for i, _ in tokenized]
     # Slicing to the longer of the two lengths keeps each encoder's end token.
     lengths = torch.stack([n for _, n in tokenized]).amax(0)
     emb = pooled = None
-    if cache_embeddings:
+    if cache_embeddings or prior:
         with torch.no_grad():
             emb, pooled = family.encode_text(text_encoders,
                                       [i.to(e.device) for i, e in zip(ids, text_encoders)])
@@ -191,7 +201,10 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
         inst_prompt=prompt_index(instance), cls_mean=cls_mean, cls_std=cls_std,
         cls_time=time_ids(classes, resolution, center_crop, seed + 1, flip),
         cls_prompt=prompt_index(classes), prompt_ids=ids, prompt_len=lengths,
-        prompt_emb=emb, prompt_pooled=pooled, pairs=epoch_pairs(instance, classes))
+        prompt_emb=emb if cache_embeddings else None,
+        prompt_pooled=pooled if cache_embeddings else None, pairs=epoch_pairs(instance, classes),
+        prior_index=[torch.tensor([index[p] for p in kept]) for kept in prior] if prior else None,
+        base_emb=emb if prior else None, base_pooled=pooled if prior else None)
 
 
 @dataclass
@@ -212,6 +225,7 @@ class Batch:
     prompts: torch.Tensor        # this process's rows' indices into the prompt table
     length: int                  # tokens the prompts are padded to
     n_instance: int              # this process's instance rows, which come first
+    instance: torch.Tensor       # the global batch's instance images (indices), in row order
 
 
 def draw_batch(data: TrainingData, pending: list, generator: torch.Generator, *,
@@ -247,7 +261,7 @@ def draw_batch(data: TrainingData, pending: list, generator: torch.Generator, *,
     groups = [RowGroup(*(torch.stack([rows[r][k] for r in span]) for k in range(3)),
                        mine=torch.tensor([j for j, r in enumerate(span) if r in mine]))
               for span in spans]
-    return Batch(groups, prompts[torch.tensor(sorted(mine))], length, n_inst)
+    return Batch(groups, prompts[torch.tensor(sorted(mine))], length, n_inst, inst)
 
 
 def epoch_pairs(instance: list[Example], classes: list[Example]) -> list[tuple]:

@@ -6,8 +6,11 @@ random timesteps, and asks the UNet for the noise (or v: the family's objective)
     MSE(instance half) + prior_loss_weight * MSE(class half)
 
 The class half is DreamBooth's prior preservation: it keeps the model able to draw the plain
-class while it learns the subject. `recipe.run` calls `train` once per stretch between
-checkpoints, with the `Training` it prepared; each step's rows come from data.draw_batch, and
+class while it learns the subject. With prior_source base_model (train/prior.py) there are no
+class images: the class half is each photo's noisy latent again, under a prior prompt, and its
+target the base model's prediction for it instead of the noise.
+
+`recipe.run` calls `train` once per stretch between checkpoints, with the `Training` it prepared; each step's rows come from data.draw_batch, and
 the family (train/families) encodes the prompts and calls the UNet. Everything the loop draws
 at random comes from the one seeded CPU generator in `LoopState`, so on a CPU the same seed gives
 bit-identical weights, and a run resumed from a checkpoint (which stores that state) ends
@@ -24,6 +27,7 @@ import torch
 
 from .data import TrainingData, draw_batch
 from .errors import UserError
+from .prior import base_prediction
 
 
 class Diverged(UserError):
@@ -89,6 +93,7 @@ class Training:
     trainable: dict              # "unet.<name>" / "text_encoder.<name>" -> parameter
     ema: dict | None             # UNet parameter name -> its moving average (use_ema)
     base_weights: dict | None    # the weights before training, for extract_lora
+    base_unet: object = None     # the frozen base UNet of a full fine-tune's base-model prior
 
     @property
     def ema_names(self) -> list[str]:
@@ -105,7 +110,8 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
     device, generator = accelerator.device, state.generator
     unet, text_encoders, scheduler = training.unet, training.text_encoders, training.noise_scheduler
     optimizer = training.optimizer
-    prior_loss_weight = config.prior_loss_weight if plan.class_images else 0.0
+    prior_loss_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
+    base_prior = data.prior_index is not None
     ema = list(training.ema.values()) if training.ema else None
     ema_params = [training.trainable[n] for n in training.ema_names] if ema else None
     # Several processes: every one draws the same global batch (train_batch_size per process)
@@ -127,17 +133,21 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
         batch = draw_batch(data, state.pending, generator, batch_size=config.train_batch_size,
                            processes=world, rank=rank, flip_p=config.flip_p,
                            pad_tokens=config.pad_tokens)
-        prompts = batch.prompts.to(device)
+        prompts, length = batch.prompts, batch.length
+        if base_prior:  # each instance row's prior prompt, drawn for the global batch
+            prior, length = prior_prompts(data, batch, generator, rank, config.pad_tokens)
+            prompts = torch.cat([prompts, prior])
+        prompts = prompts.to(device)
 
         with accelerator.accumulate(unet, *text_encoders):
             if data.prompt_emb is not None:
-                states = data.prompt_emb[prompts, :batch.length]
+                states = data.prompt_emb[prompts, :length]
                 pooled = (data.prompt_pooled[prompts]
                           if data.prompt_pooled is not None else None)
             else:
                 with torch.set_grad_enabled(train_text):
                     states, pooled = family.encode_text(text_encoders, [
-                        ids[prompts, :batch.length] for ids in data.prompt_ids])
+                        ids[prompts, :length] for ids in data.prompt_ids])
             preds, targets, all_t = [], [], []
             done = 0  # local rows so far: states and pooled follow the local order
             for group in batch.groups:
@@ -151,10 +161,19 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                     for t in (group.mean, group.std, sample_noise, noise, timesteps))
                 latents = mean + std * sample_noise
                 noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
-                targets.append(target)
-                part = slice(done, done + len(group.mine))
-                done += len(group.mine)
                 time_ids = group.time_ids[group.mine].to(device) if family.TIME_IDS else None
+                if base_prior:  # the same rows again, under their prior prompts (one group)
+                    rows = prompts[len(noisy):]
+                    target = torch.cat([target, base_prediction(
+                        accelerator, family, unet, training.base_unet, noisy, timesteps,
+                        data.base_emb[rows, :length],
+                        None if data.base_pooled is None else data.base_pooled[rows],
+                        time_ids)])
+                    noisy, timesteps = torch.cat([noisy, noisy]), torch.cat([timesteps] * 2)
+                    time_ids = None if time_ids is None else torch.cat([time_ids] * 2)
+                targets.append(target)
+                part = slice(done, done + len(noisy))
+                done += len(noisy)
                 preds.append(family.denoise(unet, noisy, timesteps, states[part],
                                             None if pooled is None else pooled[part], time_ids))
                 all_t.append(timesteps)
@@ -202,6 +221,20 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
             if state.step == 1 or state.step == plan.steps or state.step % plan.log_every == 0:
                 log(progress_line(state.step, plan.steps, total, lr, state.elapsed))
     return state
+
+
+def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: int,
+                  pad_tokens: bool) -> tuple[torch.Tensor, int]:
+    """For the base-model prior: this process's instance rows' prior prompts (indices into the
+    prompt table), one drawn per row of the global batch from its image's (data.prior_index),
+    and the length the batch's prompts are padded to with them (the global batch's longest)."""
+    draws = torch.rand(len(batch.instance), generator=generator)
+    chosen = torch.stack([data.prior_index[i][int(u * len(data.prior_index[i]))]
+                          for i, u in zip(batch.instance.tolist(), draws.tolist())])
+    n = batch.n_instance
+    length = batch.length if pad_tokens else max(batch.length,
+                                                 int(data.prompt_len[chosen].max()))
+    return chosen[rank * n:(rank + 1) * n], length
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float,

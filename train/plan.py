@@ -25,7 +25,7 @@ class Plan:
     steps_per_epoch: int
     epochs: float
     instance_images: int
-    class_images: int          # wanted, over every concept (0 without prior preservation)
+    class_images: int          # wanted, over every concept (0 without class images)
     concepts: list[dict]
     learning_rate: float       # after scale_lr
     text_encoder_lr: float
@@ -40,7 +40,7 @@ def make_plan(config: TrainConfig, concepts: list[Concept], instance: list,
     with its class images: max(instances, class images) pairs per concept. Each optimizer step
     takes train_batch_size pairs in each of `processes` processes, gradient_accumulation_steps
     times: that product is the effective batch (and scale_lr's factor)."""
-    prior = config.with_prior_preservation
+    prior = config.with_prior_preservation and config.prior_source == "class_images"
     counts = [(sum(ex.concept == k for ex in instance), c.num_class_images if prior else 0)
               for k, c in enumerate(concepts)]
     pairs = sum(max(n_inst, n_cls) for n_inst, n_cls in counts)
@@ -82,9 +82,16 @@ def dataset_summary(config: TrainConfig, intake, plan: Plan) -> list[str]:
         if not config.with_prior_preservation:
             lines.append("class images: none (prior preservation off)")
             break
+        contexts = (f" and {len(concept.prior_prompts)} prior_prompts"
+                    if concept.prior_prompts else "")
+        if config.prior_source == "base_model":
+            lines.append(f"prior: the base model's own predictions for \"{concept.class_prompt}"
+                         f"\" (in each photo's caption){contexts}; no class images")
+            continue
         have = sum(ex.concept == k for ex in classes)
-        lines.append(f"class images: {concept.num_class_images} \"{concept.class_prompt}\" "
-                     f"({have} from class_data, {intake.to_generate[k]} to generate)")
+        lines.append(f"class images: {concept.num_class_images} \"{concept.class_prompt}\""
+                     f"{contexts} ({have} from class_data, {intake.to_generate[k]} to "
+                     f"generate)")
     for s in intake.class_skipped:
         lines.append(f"  skip  {s['file']}  ({s['reason']})")
     by = ("max_train_steps" if config.max_train_steps

@@ -41,6 +41,7 @@ from .models import check_model, load_pipeline
 from .optim import (base_weights, bitsandbytes_adamw, lr_schedule, make_optimizer,
                     mark_trainable)
 from .plan import Plan, dataset_summary, make_plan
+from .prior import class_image_prompts, frozen_copy, instance_prior_prompts
 from .quiet import quiet_libraries
 from .sampling import generate, sampler
 
@@ -139,14 +140,15 @@ def take_in(config: TrainConfig, world: int) -> Intake:
         intake.instance += found
         intake.instance_skipped += skipped
         have = []
-        if config.with_prior_preservation and concept.class_folder is not None:
+        class_images = config.with_prior_preservation and config.prior_source == "class_images"
+        if class_images and concept.class_folder is not None:
             have, skipped = read_images(config.class_data, "class_data", concept.class_prompt,
                                         config.resolution, limit=concept.num_class_images,
                                         limits=limits, background=config.alpha_background,
                                         words=words, folder=concept.class_folder, concept=k)
             intake.classes += have
             intake.class_skipped += skipped
-        wanted = concept.num_class_images if config.with_prior_preservation else 0
+        wanted = concept.num_class_images if class_images else 0
         intake.to_generate.append(wanted - len(have))
     if config.concepts:  # say what the concept folders left out, rather than drop it silently
         intake.instance_skipped += outside_folders(config.instance_data, "instance_data",
@@ -228,18 +230,25 @@ def top_up_class_images(config: TrainConfig, intake: Intake, model: Model, log) 
         if count <= 0:
             continue
         mine = distributed.share(accelerator.process_index, count, accelerator.num_processes)
-        with model.half():
-            made = generate(model.pipe, concept.class_prompt, len(mine),
-                            batch_size=config.sample_batch_size,
-                            steps=config.class_infer_steps, guidance=7.5, seed=config.seed + k,
-                            resolution=config.resolution, first=mine.start, log=log,
-                            scheduler=sampler(model.pipe, config.class_scheduler),
-                            label="class images" if accelerator.num_processes == 1 else
-                            f"class images (rank 0's share of {count})")
+        prompts = class_image_prompts(concept, count)
+        label = ("class images" if accelerator.num_processes == 1 else
+                 f"class images (rank 0's share of {count})")
+        made = []
+        for prompt in dict.fromkeys(prompts[i] for i in mine):  # runs of one prompt each
+            run = [i for i in mine if prompts[i] == prompt]
+            with model.half():
+                made += generate(model.pipe, prompt, len(run),
+                                 batch_size=config.sample_batch_size,
+                                 steps=config.class_infer_steps,
+                                 guidance=config.class_guidance_scale, seed=config.seed + k,
+                                 resolution=config.resolution, first=run[0], log=log,
+                                 scheduler=sampler(model.pipe, config.class_scheduler),
+                                 label=label if len(set(prompts)) == 1 else
+                                 f"{label}, \"{prompt}\"")
         made = distributed.all_gather(made)
         folder = f"generated/{k}" if len(intake.concepts) > 1 else "generated"
-        generated += [Example(f"{folder}/{i:04d}.png", concept.class_prompt, im.size, im,
-                              concept=k) for i, im in enumerate(made)]
+        generated += [Example(f"{folder}/{i:04d}.png", prompts[i], im.size, im, concept=k)
+                      for i, im in enumerate(made)]
     intake.classes += generated
     return generated
 
@@ -282,7 +291,9 @@ def cache(config: TrainConfig, intake: Intake, model: Model) -> TrainingData:
     return prepare(model.family, pipe.vae, text_encoders, families.tokenizers(pipe),
                    intake.instance, intake.classes, config.resolution, config.center_crop,
                    cache_embeddings=not config.train_text_encoder, seed=config.seed,
-                   flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets)
+                   flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets,
+                   prior=[instance_prior_prompts(intake.concepts[ex.concept], ex.caption)
+                          for ex in intake.instance] if base_model_prior(config) else None)
 
 
 def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
@@ -294,6 +305,11 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     text_names = families.text_names(pipe)
     unet, text_encoders = pipe.unet, families.text_encoders(pipe)
     before = base_weights(pipe, text_names, config) if config.extract_lora else None
+    # A full fine-tune's base-model prior needs the UNet as it was; a LoRA's is the same UNet
+    # with its adapters off.
+    base_unet = (frozen_copy(unet, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        model.precision, torch.float32)) if base_model_prior(config) and not config.use_lora
+        else None)
     unet_params, text_params = mark_trainable(unet, dict(zip(text_names, text_encoders)), config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -315,7 +331,7 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     ema = ({n: p.detach().float().clone() for n, p in trainable.items() if n.startswith("unet.")}
            if config.use_ema else None)
     return Training(unet, text_encoders, optimizer, lr_scheduler, noise_scheduler,
-                    unet_params + text_params, trainable, ema, before)
+                    unet_params + text_params, trainable, ema, before, base_unet)
 
 
 def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, model: Model,
@@ -342,6 +358,9 @@ def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, mode
     # Encoded once: every checkpoint stores the generated class images.
     class_pngs = ({f"class_images/{ex.file}": checkpoint.png_bytes(ex.image) for ex in generated}
                   if ckpt_root else {})
+    class_pngs |= {f"class_images/{ex.file.removesuffix('.png')}.txt": ex.caption.encode()
+                   for ex in generated if ckpt_root
+                   and ex.caption != intake.concepts[ex.concept].class_prompt}
     # Each checkpoint's scores, so the final report can name the best balanced one; a resumed
     # run carries on the list its checkpoint holds.
     evaluations = model.resumed / "evaluations.json" if model.resumed else None
@@ -415,7 +434,7 @@ def finish_training(model: Model, training: Training) -> list[str]:
         raise RuntimeError(f"the {len(agreed)} training processes ended with different weights "
                            f"({agreed}): a bug, please report it")
     training.optimizer = training.lr_scheduler = training.trainable = training.ema = None
-    training.unet = training.text_encoders = None
+    training.unet = training.text_encoders = training.base_unet = None
     accelerator.free_memory()
     return agreed
 
@@ -500,6 +519,10 @@ class Timings:
         now = time.perf_counter()
         self.seconds[phase] = round(now - self.clock, 3)
         self.clock = now
+
+
+def base_model_prior(config: TrainConfig) -> bool:
+    return config.with_prior_preservation and config.prior_source == "base_model"
 
 
 def _silent(_line: str) -> None:

@@ -1,0 +1,146 @@
+"""Prior preservation's sources and prompts (train/prior.py), each tested for its effect: the
+base model's own predictions as the prior (no class images), the class in other contexts
+(prior_prompts) for class images and for that prior, and the class images' guidance.
+"""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import FAST, read_training_json, same_weights, train_tiny, unet_weights
+from train import TrainConfig, families
+from train.config import Concept
+from train.errors import UserError
+from train.models import load_pipeline
+from train.prior import class_caption, class_image_prompts, instance_prior_prompts
+
+EXACT = dict(FAST, save_precision="fp32")
+BALL = Concept("a photo of sks ball", "a photo of a ball", "", None, 4,
+               ("a photo of a ball on grass",))
+
+
+def test_class_caption_puts_the_class_in_place_of_the_subject():
+    assert class_caption("a photo of sks ball on a red table", BALL) == \
+        "a photo of a ball on a red table"
+    # A caption that does not hold the instance prompt loses the identifier only.
+    assert class_caption("sks ball, close up", BALL) == "ball, close up"
+    assert class_caption("sks", BALL) == "a photo of a ball"
+    assert class_caption("a photo of sksy ball", BALL) == "a photo of sksy ball"  # a word
+    assert instance_prior_prompts(BALL, "a photo of sks ball") == [
+        "a photo of a ball", "a photo of a ball on grass"]
+
+
+def test_class_image_prompts_run_through_the_contexts_in_blocks():
+    assert class_image_prompts(BALL, 5) == ["a photo of a ball"] * 3 + \
+        ["a photo of a ball on grass"] * 2
+    plain = Concept("a photo of sks ball", "a photo of a ball", "", None, 4)
+    assert class_image_prompts(plain, 3) == ["a photo of a ball"] * 3
+
+
+def prediction_gap(folder, prompt: str, seed: int = 0) -> float:
+    """RMS difference between the trained model's and the base model's predictions for
+    `prompt` on fixed noisy latents: how far training moved what that prompt draws."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(4, 4, 8, 8, generator=generator)
+    t = torch.tensor([100, 400, 700, 950])
+    outputs = []
+    for pipe in (load_pipeline("tiny", "cpu"), load_pipeline(str(folder), "cpu")):
+        ids = pipe.tokenizer([prompt] * 4, padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            states, _ = families.get("sd1").encode_text([pipe.text_encoder], [ids])
+            outputs.append(pipe.unet(noisy, t, states).sample)
+    return ((outputs[0] - outputs[1]) ** 2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_base_model_prior_trains_toward_the_base_models_prediction(tmp_path, photos_zip,
+                                                                       lora):
+    settings = dict(EXACT, prior_source="base_model", use_lora=lora, max_train_steps=3,
+                    learning_rate=1e-3 if lora else 1e-4)
+    out, lines = train_tiny(tmp_path, photos_zip, **settings)
+    record = read_training_json(out)
+    history = record["history"]
+    # Step 1: the trained model is still the base model, so the prior half is zero up to
+    # rounding (LoRA: the adapters start at zero); afterwards it measures how far the class
+    # moved.
+    assert history[0]["class_loss"] < 1e-10
+    assert history[-1]["class_loss"] > 1e-6
+    assert record["dataset"]["class"]["used"] == [] and record["plan"]["class_images"] == 0
+    assert any(line.startswith('prior: the base model\'s own predictions for "a photo of a ball"')
+               for line in lines)
+    assert not any(line.startswith("class images") for line in lines)  # none generated
+
+
+def test_the_base_model_prior_keeps_the_class_where_training_moves_it(tmp_path, photos_zip):
+    """The effect a user relies on: at a learning rate that moves the model a lot, the class
+    prompt still draws what the base model drew, far more than without the prior."""
+    settings = dict(EXACT, max_train_steps=30, learning_rate=1e-3)
+    free, _ = train_tiny(tmp_path, photos_zip, "free", with_prior_preservation=False,
+                         **settings)
+    kept, _ = train_tiny(tmp_path, photos_zip, "kept", prior_source="base_model", **settings)
+    moved, held = (prediction_gap(folder, "a photo of a ball") for folder in (free, kept))
+    subject_moved, subject_held = (prediction_gap(folder, "a photo of sks ball")
+                                   for folder in (free, kept))
+    assert held < 0.5 * moved, (held, moved)
+    # and the subject was still learned: its prompt moved about as far as without the prior
+    assert subject_held > 0.5 * subject_moved, (subject_held, subject_moved)
+
+
+def test_a_base_model_prior_run_resumes_bit_identical(tmp_path, photos_zip):
+    settings = dict(EXACT, prior_source="base_model", max_train_steps=4, checkpointing_steps=2,
+                    prior_prompts="a photo of a ball on grass\na photo of a ball in snow")
+    whole, _ = train_tiny(tmp_path, photos_zip, "whole", **settings)
+    resumed, _ = train_tiny(tmp_path, photos_zip, "again", **settings,
+                            resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
+    assert same_weights(unet_weights(whole), unet_weights(resumed))
+
+
+def test_prior_prompts_vary_the_class_images_and_a_resume_keeps_their_captions(tmp_path,
+                                                                               photos_zip):
+    settings = dict(EXACT, num_class_images=4, checkpointing_steps=2,
+                    prior_prompts="a photo of a ball on grass")
+    whole, lines = train_tiny(tmp_path, photos_zip, "whole", **settings)
+    captions = [ex["caption"] for ex in read_training_json(whole)["dataset"]["class"]["used"]]
+    assert captions == ["a photo of a ball"] * 2 + ["a photo of a ball on grass"] * 2
+    assert 'class images: 4 "a photo of a ball" and 1 prior_prompts (0 from class_data, 4 to ' \
+        'generate)' in lines
+    resumed, _ = train_tiny(tmp_path, photos_zip, "again", **settings,
+                            resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
+    again = [ex["caption"] for ex in read_training_json(resumed)["dataset"]["class"]["used"]]
+    assert again == captions
+    assert same_weights(unet_weights(whole), unet_weights(resumed))
+
+
+def class_image(tmp_path, name: str) -> Image.Image:
+    return Image.open(tmp_path / f"{name}-checkpoints" / "step-000004" / "class_images" /
+                      "generated" / "0000.png").convert("RGB")
+
+
+def test_class_guidance_scale_draws_other_class_images(tmp_path, photos_zip):
+    for name, scale in (("sharp", 7.5), ("own", 1.0)):
+        train_tiny(tmp_path, photos_zip, name, class_guidance_scale=scale,
+                   checkpointing_steps=4, **EXACT)
+    sharp, own = (class_image(tmp_path, name) for name in ("sharp", "own"))
+    assert sharp.tobytes() != own.tobytes()
+
+
+def settings(**changes) -> TrainConfig:
+    return TrainConfig(**{**FAST, "instance_data": "x.zip", "instance_prompt": "a photo of sks "
+                          "ball", "class_prompt": "a photo of a ball", "output": "o.tar",
+                          **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(prior_source="base_model", class_data="c.zip"),
+     "class_data is not used with prior_source base_model"),
+    (dict(prior_prompts="a\n" * 201), "prior_prompts holds 201 prompts; at most 200"),
+    (dict(prior_prompts="x" * 1001), "prior_prompts line 1 is 1001 characters long"),
+    (dict(concepts=json.dumps([{"instance_data": "a", "prior_prompts": "a photo"}])),
+     "concept 1: prior_prompts must be a list of at most 200 prompts"),
+    (dict(prior_source="lots"), "prior_source"),
+])
+def test_bad_prior_settings_are_refused_in_one_line(changes, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        settings(**changes)
