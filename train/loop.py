@@ -10,8 +10,9 @@ class while it learns the subject. With prior_source base_model (train/prior.py)
 class images: the class half is each photo's noisy latent again, under a prior prompt, and its
 target the base model's prediction for it instead of the noise.
 
-`recipe.run` calls `train` once per stretch between checkpoints, with the `Training` it prepared; each step's rows come from data.draw_batch, and
-the family (train/families) encodes the prompts and calls the UNet. Everything the loop draws
+`recipe.run` calls `train` once per stretch between checkpoints, with the `Training` it
+prepared; each step's rows come from data.draw_batch, and the family (train/families) encodes
+the prompts and calls the UNet. Everything the loop draws
 at random comes from the one seeded CPU generator in `LoopState`, so on a CPU the same seed gives
 bit-identical weights, and a run resumed from a checkpoint (which stores that state) ends
 exactly where an uninterrupted one does.
