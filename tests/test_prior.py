@@ -4,6 +4,7 @@ base model's own predictions as the prior (no class images), the class in other 
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from PIL import Image
 from helpers import FAST, read_training_json, same_weights, train_tiny, unet_weights
 from train import TrainConfig, families
 from train.config import Concept
+from train.data import Batch
 from train.errors import UserError
+from train.loop import prior_prompts
 from train.models import load_pipeline
 from train.prior import class_caption, class_image_prompts, instance_prior_prompts
 
@@ -37,6 +40,26 @@ def test_class_image_prompts_run_through_the_contexts_in_blocks():
         ["a photo of a ball on grass"] * 2
     plain = Concept("a photo of sks ball", "a photo of a ball", "", None, 4)
     assert class_image_prompts(plain, 3) == ["a photo of a ball"] * 3
+
+
+def test_each_photo_is_kept_under_its_class_caption_and_one_drawn_context():
+    # Photos 0 and 1 have contexts (prompts 5-7 after their class captions 3 and 4); photo 2
+    # has none. A global batch of four rows over two processes, two rows each.
+    data = SimpleNamespace(prior_index=[torch.tensor([3, 5, 6, 7]), torch.tensor([4, 5, 6, 7]),
+                                        torch.tensor([2])],
+                           prompt_len=torch.tensor([4, 4, 4, 4, 4, 9, 4, 4]))
+    batch = Batch(groups=[], prompts=torch.tensor([0, 0]), length=4, n_instance=2,
+                  instance=torch.tensor([0, 2, 1, 0]))
+    draws = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    contexts = [[5, 6, 7][int(u * 3)] for u in draws.tolist()]
+    assert contexts == [6, 7, 5, 5]  # row 1's photo has no contexts: its draw goes unused
+    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 0, False)
+    assert rows.tolist() == [0, 1, 0] and prompts.tolist() == [3, 2, contexts[0]]
+    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 1, False)
+    assert rows.tolist() == [0, 1, 0, 1] and prompts.tolist() == [4, 3, contexts[2],
+                                                                   contexts[3]]
+    # every process pads to the global batch's longest prompt: prompt 5, drawn for rank 1
+    assert length == 9
 
 
 def prediction_gap(folder, prompt: str, seed: int = 0) -> float:

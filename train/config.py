@@ -92,8 +92,8 @@ class TrainConfig:
     prior_prompts: str | None = setting(
         None, "The class in other contexts for the prior, one prompt a line (e.g. 'a photo of "
               "a dog on the beach'): class images are generated from these and class_prompt in "
-              "turn; with base_model each step keeps one of them or the photo's own caption "
-              "with the class in place of the subject")
+              "equal shares; with base_model each photo is also kept under one of them, drawn "
+              "at random each step")
     class_guidance_scale: float = setting(
         7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)
     class_infer_steps: int = setting(

@@ -135,8 +135,9 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                            processes=world, rank=rank, flip_p=config.flip_p,
                            pad_tokens=config.pad_tokens)
         prompts, length = batch.prompts, batch.length
-        if base_prior:  # each instance row's prior prompt, drawn for the global batch
-            prior, length = prior_prompts(data, batch, generator, rank, config.pad_tokens)
+        if base_prior:  # each instance row's prior prompts, drawn for the global batch
+            prior_rows, prior, length = prior_prompts(data, batch, generator, rank,
+                                                      config.pad_tokens)
             prompts = torch.cat([prompts, prior])
         prompts = prompts.to(device)
 
@@ -163,15 +164,17 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 latents = mean + std * sample_noise
                 noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
                 time_ids = group.time_ids[group.mine].to(device) if family.TIME_IDS else None
-                if base_prior:  # the same rows again, under their prior prompts (one group)
-                    rows = prompts[len(noisy):]
+                if base_prior:  # rows again, under their prior prompts (one group)
+                    rows, kept = prior_rows.to(device), prompts[len(noisy):]
                     target = torch.cat([target, base_prediction(
-                        accelerator, family, unet, training.base_unet, noisy, timesteps,
-                        data.base_emb[rows, :length],
-                        None if data.base_pooled is None else data.base_pooled[rows],
-                        time_ids)])
-                    noisy, timesteps = torch.cat([noisy, noisy]), torch.cat([timesteps] * 2)
-                    time_ids = None if time_ids is None else torch.cat([time_ids] * 2)
+                        accelerator, family, unet, training.base_unet, noisy[rows],
+                        timesteps[rows], data.base_emb[kept, :length],
+                        None if data.base_pooled is None else data.base_pooled[kept],
+                        None if time_ids is None else time_ids[rows])])
+                    noisy, timesteps = torch.cat([noisy, noisy[rows]]), torch.cat(
+                        [timesteps, timesteps[rows]])
+                    time_ids = None if time_ids is None else torch.cat([time_ids,
+                                                                        time_ids[rows]])
                 targets.append(target)
                 part = slice(done, done + len(noisy))
                 done += len(noisy)
@@ -225,17 +228,28 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
 
 
 def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: int,
-                  pad_tokens: bool) -> tuple[torch.Tensor, int]:
-    """For the base-model prior: this process's instance rows' prior prompts (indices into the
-    prompt table), one drawn per row of the global batch from its image's (data.prior_index),
-    and the length the batch's prompts are padded to with them (the global batch's longest)."""
+                  pad_tokens: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For the base-model prior, which rows of this process's instance rows are denoised again
+    and under which prompts (indices into the prompt table): every row under its photo's class
+    caption, then, for a photo with prior_prompts, the row once more under one of them, drawn
+    for the global batch. Also the length the step's prompts are padded to (the global batch's
+    longest)."""
     draws = torch.rand(len(batch.instance), generator=generator)
-    chosen = torch.stack([data.prior_index[i][int(u * len(data.prior_index[i]))]
-                          for i, u in zip(batch.instance.tolist(), draws.tolist())])
+    own, context_rows, contexts = [], [], []
+    for row, (i, u) in enumerate(zip(batch.instance.tolist(), draws.tolist())):
+        choices = data.prior_index[i]  # its class caption first, then the prior_prompts
+        own.append(int(choices[0]))
+        if len(choices) > 1:
+            context_rows.append(row)
+            contexts.append(int(choices[1 + int(u * (len(choices) - 1))]))
+    length = batch.length if pad_tokens else max(
+        batch.length, int(data.prompt_len[torch.tensor(own + contexts)].max()))
     n = batch.n_instance
-    length = batch.length if pad_tokens else max(batch.length,
-                                                 int(data.prompt_len[chosen].max()))
-    return chosen[rank * n:(rank + 1) * n], length
+    mine = [(row - rank * n, prompt) for row, prompt in zip(context_rows, contexts)
+            if rank * n <= row < (rank + 1) * n]
+    rows = list(range(n)) + [row for row, _ in mine]
+    prompts = own[rank * n:(rank + 1) * n] + [prompt for _, prompt in mine]
+    return torch.tensor(rows), torch.tensor(prompts), length
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float,
