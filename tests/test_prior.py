@@ -33,6 +33,9 @@ def test_class_caption_puts_the_class_in_place_of_the_subject():
     assert class_caption("a photo of sksy ball", BALL) == "a photo of sksy ball"  # a word
     assert instance_prior_prompts(BALL, "a photo of sks ball") == [
         "a photo of a ball", "a photo of a ball on grass"]
+    # a caption that says more: the bare class prompt joins the contexts
+    assert instance_prior_prompts(BALL, "a photo of sks ball on a rug") == [
+        "a photo of a ball on a rug", "a photo of a ball", "a photo of a ball on grass"]
 
 
 def test_class_image_prompts_run_through_the_contexts_in_blocks():

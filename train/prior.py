@@ -7,8 +7,9 @@ class beside the photos. Two sources of that prior, chosen by TrainConfig.prior_
   (or given as class_data) and trained on as data. With `prior_prompts` they are drawn from the
   class prompt and its contexts in turn (`class_image_prompts`), not from one bare prompt.
 - base_model: no images. Each step, every photo's noisy latent is denoised a second time under
-  its class caption (the photo's own caption with the class in place of the subject), and with
-  `prior_prompts` a third time under one of them, drawn at random; the trained model is asked to
+  its class caption (the photo's own caption with the class in place of the subject), and, when
+  that caption is more than the class prompt or there are `prior_prompts`, a third time under
+  the class prompt or one of them, drawn at random; the trained model is asked to
   predict there what the base model predicts (`base_prediction`). The target is the base model's function itself, not a sample of it, so
   nothing moves that the prompt does not ask to move. With LoRA the base model is the same
   network with the adapters switched off; a full fine-tune keeps a frozen copy of the UNet
@@ -16,7 +17,7 @@ class beside the photos. Two sources of that prior, chosen by TrainConfig.prior_
   the prior prompts are computed once before training (train/data.py).
 
     prompts = instance_prior_prompts(concept, "a photo of sks dog on the beach")
-    # ["a photo of a dog on the beach", ...concept.prior_prompts]
+    # ["a photo of a dog on the beach", "a photo of a dog", ...concept.prior_prompts]
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def class_caption(caption: str, concept: Concept) -> str:
 
 def instance_prior_prompts(concept: Concept, caption: str) -> list[str]:
     """The prompts the base-model prior keeps for one photo: its class caption, then the
-    concept's prior_prompts (each once)."""
-    return list(dict.fromkeys([class_caption(caption, concept), *concept.prior_prompts]))
+    contexts one of which is drawn each step: the class prompt itself (when the caption is
+    more than it) and the concept's prior_prompts, each once."""
+    return list(dict.fromkeys([class_caption(caption, concept), concept.class_prompt,
+                               *concept.prior_prompts]))
 
 
 def class_image_prompts(concept: Concept, count: int) -> list[str]:
