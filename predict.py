@@ -245,7 +245,7 @@ class Predictor(BasePredictor):
             description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
         prior_prompts: Optional[str] = Input(
             default=None,
-            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): class images are generated from these and class_prompt in equal shares; with base_model each photo is also kept under one of them, drawn at random each step"),
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo is also kept under one of them, drawn at random each step"),
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),
@@ -439,7 +439,7 @@ class Predictor(BasePredictor):
             description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
         prior_prompts: Optional[str] = Input(
             default=None,
-            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): class images are generated from these and class_prompt in equal shares; with base_model each photo is also kept under one of them, drawn at random each step"),
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo is also kept under one of them, drawn at random each step"),
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),

@@ -38,9 +38,13 @@ def test_class_caption_puts_the_class_in_place_of_the_subject():
         "a photo of a ball on a rug", "a photo of a ball", "a photo of a ball on grass"]
 
 
-def test_class_image_prompts_run_through_the_contexts_in_blocks():
+def test_class_image_prompts_keep_half_on_the_class_and_run_through_the_contexts():
     assert class_image_prompts(BALL, 5) == ["a photo of a ball"] * 3 + \
         ["a photo of a ball on grass"] * 2
+    many = Concept("a photo of sks ball", "a photo of a ball", "", None, 4,
+                   ("a photo of a ball", "in snow", "on grass", "on sand"))
+    assert class_image_prompts(many, 8) == ["a photo of a ball"] * 4 + \
+        ["in snow", "in snow", "on grass", "on sand"]
     plain = Concept("a photo of sks ball", "a photo of a ball", "", None, 4)
     assert class_image_prompts(plain, 3) == ["a photo of a ball"] * 3
 

@@ -91,8 +91,8 @@ class TrainConfig:
                         "LoRA switched off or from a frozen copy)", choices=PRIOR_SOURCES)
     prior_prompts: str | None = setting(
         None, "The class in other contexts for the prior, one prompt a line (e.g. 'a photo of "
-              "a dog on the beach'): class images are generated from these and class_prompt in "
-              "equal shares; with base_model each photo is also kept under one of them, drawn "
+              "a dog on the beach'): half the class images are generated from these, half from "
+              "class_prompt; with base_model each photo is also kept under one of them, drawn "
               "at random each step")
     class_guidance_scale: float = setting(
         7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)

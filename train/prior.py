@@ -51,11 +51,17 @@ def instance_prior_prompts(concept: Concept, caption: str) -> list[str]:
 
 
 def class_image_prompts(concept: Concept, count: int) -> list[str]:
-    """The prompt of each of `count` generated class images: the class prompt and the prior
-    prompts in equal blocks, in that order (contiguous, so each process's share is a few runs
-    of one prompt)."""
-    pool = list(dict.fromkeys([concept.class_prompt, *concept.prior_prompts]))
-    return [pool[i * len(pool) // count] for i in range(count)]
+    """The prompt of each of `count` generated class images: the class prompt for the first
+    half, the prior prompts in equal blocks for the rest (contiguous, so each process's share is
+    a few runs of one prompt). Half stay on the class prompt itself, however many contexts:
+    spread evenly over 40 prompts, the bare class got 1 image in 40 in the toy world, and the
+    subject leaked into it (PRES 0.55)."""
+    contexts = [p for p in dict.fromkeys(concept.prior_prompts) if p != concept.class_prompt]
+    if not contexts:
+        return [concept.class_prompt] * count
+    half = (count + 1) // 2
+    return [concept.class_prompt] * half + [contexts[j * len(contexts) // (count - half)]
+                                            for j in range(count - half)]
 
 
 def frozen_copy(unet, dtype: torch.dtype):
