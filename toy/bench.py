@@ -101,6 +101,7 @@ VARIANTS = {
     "pad_tokens": {"pad_tokens": True},
     "class_guidance_3": {"class_guidance_scale": 3.0},
     "class_contexts": {"prior_prompts": CONTEXTS},
+    "class_world": {"prior_prompts": WORLD_CONTEXTS},
     "base_prior": {"prior_source": "base_model", "prior_loss_weight": 1.0},
     "base_prior_contexts": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                             "prior_prompts": CONTEXTS},
