@@ -103,6 +103,8 @@ VARIANTS = {
     "class_contexts": {"prior_prompts": CONTEXTS},
     "class_world": {"prior_prompts": WORLD_CONTEXTS},
     "base_prior": {"prior_source": "base_model", "prior_loss_weight": 1.0},
+    "base_prior_world_0.25": {"prior_source": "base_model", "prior_loss_weight": 0.25,
+                              "prior_prompts": WORLD_CONTEXTS},
     "base_prior_contexts": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                             "prior_prompts": CONTEXTS},
     "base_prior_world": {"prior_source": "base_model", "prior_loss_weight": 1.0,
