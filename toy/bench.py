@@ -5,6 +5,7 @@
     nice -n 10 python -m toy.bench --variants default no_prior --seeds 0 1
     nice -n 10 python -m toy.bench --variants frozen_text lora --set prior_loss_weight=1.0
     python -m toy.bench --summary toy_bench.json           # mean and worst seed per variant
+    nice -n 10 python -m toy.bench --variants default --keep models/   # keep the tarballs
 
 The subject (world.SUBJECT, a white circle with a black core, which the pretrained `toy`
 model never saw) is photographed INSTANCE_IMAGES times at random sizes and places on green, blue and
@@ -220,8 +221,11 @@ def train_variant(overrides: dict, work: Path, seed: int = 0, log=lambda _: None
 
 
 def bench_variant(name: str, seed: int = 0, n_per_background: int = 16, n_class: int = 64,
-                  log=lambda _: None, **changes) -> dict:
-    """Train one variant (VARIANTS[name], updated by `changes`) and score it."""
+                  log=lambda _: None, keep: Path | None = None, **changes) -> dict:
+    """Train one variant (VARIANTS[name], updated by `changes`) and score it; with `keep`, its
+    tarball is kept there as NAME-seedN.tar (for toy.quickstart's contact sheets)."""
+    import shutil
+
     from train.evaluate import load_trained
 
     overrides = {**VARIANTS[name], **changes}
@@ -229,6 +233,9 @@ def bench_variant(name: str, seed: int = 0, n_per_background: int = 16, n_class:
         start = time.perf_counter()
         folder = train_variant(overrides, Path(tmp), seed, log)
         train_s = time.perf_counter() - start
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(tmp) / "model.tar", keep / f"{name}-seed{seed}.tar")
         # a LoRA output holds the adapter only: loaded onto its base model
         pipe = load_trained(folder, overrides.get("model", BENCH["model"]), "cpu")
         metrics = dreambooth_metrics(pipe, n_per_background, n_class, seed)
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a TrainConfig setting in every variant, e.g. "
                              "--set prior_loss_weight=1.0")
+    parser.add_argument("--keep", type=Path, metavar="FOLDER",
+                        help="keep each trained model's tarball there, as NAME-seedN.tar")
     parser.add_argument("--summary", metavar="JSON",
                         help="only print the per-variant summary (mean and worst seed) of the "
                              "rows in a JSON file an earlier run wrote")
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         for seed in args.seeds:
             rows.append(bench_variant(name, seed, args.per_background, 4 * args.per_background,
-                                      **changes))
+                                      keep=args.keep, **changes))
             print(json.dumps(rows[-1]), flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))

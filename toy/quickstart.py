@@ -4,6 +4,7 @@ that shows what DreamBooth made of them. script/quickstart runs the trainer in b
     python -m toy.quickstart photos example/toy-photos          # 5 photos, captions beside them
     python -m train --model toy --instance-data example/toy-photos ... --output example/toy.tar
     python -m toy.quickstart sheet example/toy.tar example/toy-photos example/toy-contact-sheet.png
+    python -m toy.quickstart compare photos/ both.png default=a.tar chosen=b.tar  # a row each
 
 The subject is the world's white circle with a black core (toy/world.py), photographed on green,
 blue and yellow. The sheet's rows: the photos; the trained model drawing `a photo of sks circle
@@ -36,29 +37,41 @@ def write_photos(folder: Path) -> Path:
 
 def sheet(trained: Path, photos: Path, out: Path, seed: int = 0) -> Path:
     """Load the trained output (a tarball or its folder) and draw the contact sheet into `out`."""
-    import tarfile
+    return compare({"": trained}, photos, out, seed)
 
+
+def compare(models: dict[str, Path], photos: Path, out: Path, seed: int = 0) -> Path:
+    """The contact sheet of one or more trained outputs (label -> tarball or folder): the
+    photos, then for each background and for the plain class a row per model, the same seeds
+    in every model's row."""
+    import tarfile
 
     from train.evaluate import contact_sheet, load_trained
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = trained
-        if trained.is_file():
-            with tarfile.open(trained) as tar:
-                tar.extractall(tmp, filter="data")
-            folder = Path(tmp)
-        pipe = load_trained(folder, "toy", "cpu")
-        rows = [("the photos (green, blue, yellow backgrounds)",
-                 [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))])]
-        for k, background in enumerate((*world.SUBJECT_BACKGROUNDS,
-                                        world.SUBJECT_NEW_BACKGROUND)):
-            prompt = world.caption(world.SUBJECT["shape"], None, background,
-                                   identifier=bench.IDENTIFIER)
-            where = ("never photographed there" if background == world.SUBJECT_NEW_BACKGROUND
-                     else "photographed there")
-            rows.append((f"{prompt}  ({where})", bench.sample(pipe, [prompt] * PER_ROW, seed + k)))
-        rows.append((f"{bench.CLASS_PROMPT}  (the plain class: the model's own circles)",
-                     bench.sample(pipe, [bench.CLASS_PROMPT] * PER_ROW, seed + 10)))
+    prompts = [(world.caption(world.SUBJECT["shape"], None, background,
+                              identifier=bench.IDENTIFIER),
+                "never photographed there" if background == world.SUBJECT_NEW_BACKGROUND
+                else "photographed there")
+               for background in (*world.SUBJECT_BACKGROUNDS, world.SUBJECT_NEW_BACKGROUND)]
+    prompts.append((bench.CLASS_PROMPT, "the plain class: the model's own circles"))
+    rows = [("the photos (green, blue, yellow backgrounds)",
+             [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))])]
+    drawn = {}
+    for label, trained in models.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = trained
+            if trained.is_file():
+                with tarfile.open(trained) as tar:
+                    tar.extractall(tmp, filter="data")
+                folder = Path(tmp)
+            pipe = load_trained(folder, "toy", "cpu")
+            # the plain class at seed + 10, as the sheets drawn before it was a row of its own
+            drawn[label] = [bench.sample(pipe, [prompt] * PER_ROW,
+                                         seed + (k if k < len(prompts) - 1 else 10))
+                            for k, (prompt, _) in enumerate(prompts)]
+    for k, (prompt, note) in enumerate(prompts):
+        for label, images in drawn.items():
+            rows.append((f"{label + ': ' if label else ''}{prompt}  ({note})", images[k]))
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(rows, thumb=96).save(out)
     return out
@@ -74,13 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     drawn.add_argument("trained", type=Path, help="the trainer's output tarball (or folder)")
     drawn.add_argument("photos", type=Path, help="the photos it was trained on")
     drawn.add_argument("out", type=Path, help="the PNG to write")
+    both = commands.add_parser("compare", help="one sheet of several trained models, a row "
+                                               "per model for each prompt")
+    both.add_argument("photos", type=Path, help="the photos they were trained on")
+    both.add_argument("out", type=Path, help="the PNG to write")
+    both.add_argument("models", nargs="+", metavar="LABEL=TARBALL",
+                      help="each trained output and its label, e.g. default=default.tar")
     args = parser.parse_args(argv)
     quiet_libraries(loading=True)
     if args.command == "photos":
         print(f"photos: {write_photos(args.folder)} ({bench.INSTANCE_IMAGES} photos of the "
               f"subject, a white circle with a black core, on green, blue and yellow)")
-    else:
+    elif args.command == "sheet":
         print(f"contact sheet: {sheet(args.trained, args.photos, args.out)}")
+    else:
+        models = dict(item.split("=", 1) for item in args.models)
+        print(f"contact sheet: {compare({k: Path(v) for k, v in models.items()}, args.photos, "
+              f"args.out)}")
     return 0
 
 
