@@ -332,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                              "--set prior_loss_weight=1.0")
     parser.add_argument("--keep", type=Path, metavar="FOLDER",
                         help="keep each trained model's tarball there, as NAME-seedN.tar")
-    parser.add_argument("--summary", metavar="JSON",
+    parser.add_argument("--summary", metavar="JSON", nargs="+",
                         help="only print the per-variant summary (mean and worst seed) of the "
-                             "rows in a JSON file an earlier run wrote")
+                             "rows in JSON files earlier runs wrote")
     args = parser.parse_args(argv)
     if args.summary:
-        print(summary_table(summarize(json.loads(Path(args.summary).read_text()))))
+        print(summary_table(summarize([row for name in args.summary
+                                       for row in json.loads(Path(name).read_text())])))
         return 0
     changes = {}
     for item in args.set:
