@@ -102,6 +102,8 @@ VARIANTS = {
     "pad_tokens": {"pad_tokens": True},
     "class_guidance_3": {"class_guidance_scale": 3.0},
     "class_contexts": {"prior_prompts": CONTEXTS},
+    "class_contexts_0.5": {"prior_prompts": CONTEXTS, "prior_loss_weight": 0.5},
+    "class_contexts_lora": {"prior_prompts": CONTEXTS, "use_lora": True, "learning_rate": 1e-3},
     "class_world": {"prior_prompts": WORLD_CONTEXTS},
     "base_prior": {"prior_source": "base_model", "prior_loss_weight": 1.0},
     "base_prior_world_0.25": {"prior_source": "base_model", "prior_loss_weight": 0.25,
