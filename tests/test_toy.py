@@ -1,6 +1,7 @@
 """The shipped `toy` model loads as a built-in and follows prompts, and DreamBooth on it learns
-the subject while prior preservation keeps the class apart from it: a reduced
-toy/bench.py run (the full one, and its numbers, are in QUALITY.md).
+the subject while prior preservation keeps the class apart from it, and class images of the
+class in other contexts keep the rest of the world: reduced toy/bench.py runs (the full ones,
+and their numbers, are in QUALITY.md).
 
     .venv/bin/python -m pytest tests/test_toy.py -q      # a few minutes on 2 cores
 """
@@ -40,13 +41,15 @@ def test_toy_follows_prompts():
         assert report[name]["all"] >= 0.75, (name, report)
 
 
+REDUCED = dict(n_per_background=4, n_class=16, num_class_images=16)
+
+
 @pytest.fixture(scope="module")
 def reduced_runs():
     """The default recipe and the same without prior preservation, at equal steps, on fewer
     class images and samples than the full benchmark."""
-    reduced = dict(n_per_background=4, n_class=16, num_class_images=16)
-    return (toy_bench.bench_variant("default", **reduced),
-            toy_bench.bench_variant("no_prior", **reduced))
+    return (toy_bench.bench_variant("default", **REDUCED),
+            toy_bench.bench_variant("no_prior", **REDUCED))
 
 
 def test_dreambooth_learns_the_subject(reduced_runs):
@@ -58,6 +61,18 @@ def test_dreambooth_learns_the_subject(reduced_runs):
 def test_prior_preservation_keeps_the_class_apart_from_the_subject(reduced_runs):
     with_prior, without = reduced_runs
     assert with_prior["pres"] < without["pres"], (with_prior, without)
+
+
+def test_class_images_of_the_class_in_other_contexts_keep_the_world(reduced_runs):
+    """QUALITY.md's finding, reduced: class images drawn from the class in the world's other
+    contexts (prior_prompts) keep the world's prompts (seen and held-out combinations) far
+    better than class images of the bare class prompt, and the subject is still learned.
+    Measured here: 0.72 against 0.59 (full benchmark, 3 seeds: 0.86 against 0.60)."""
+    default, _ = reduced_runs
+    contexts = toy_bench.bench_variant("class_contexts_0.5", **REDUCED)
+    kept = (contexts["world"] + contexts["world_held_out"]) / 2
+    assert kept >= (default["world"] + default["world_held_out"]) / 2 + 0.1, (contexts, default)
+    assert contexts["subject_fidelity"] >= 0.5 and contexts["prompt_fidelity"] >= 0.5, contexts
 
 
 def test_the_quickstart_writes_photos_the_trainer_reads_and_draws_a_contact_sheet(tmp_path):
