@@ -43,7 +43,8 @@ def sheet(trained: Path, photos: Path, out: Path, seed: int = 0) -> Path:
 def compare(models: dict[str, Path], photos: Path, out: Path, seed: int = 0) -> Path:
     """The contact sheet of one or more trained outputs (label -> tarball or folder): the
     photos, then for each background and for the plain class a row per model, the same seeds
-    in every model's row."""
+    in every model's row; with several models, also a row each of world prompts (held-out
+    combinations, one a sample)."""
     import tarfile
 
     from train.evaluate import contact_sheet, load_trained
@@ -54,6 +55,9 @@ def compare(models: dict[str, Path], photos: Path, out: Path, seed: int = 0) -> 
                 else "photographed there")
                for background in (*world.SUBJECT_BACKGROUNDS, world.SUBJECT_NEW_BACKGROUND)]
     prompts.append((bench.CLASS_PROMPT, "the plain class: the model's own circles"))
+    # The rest of the world: one held-out combination a sample, never drawn in pretraining.
+    world_prompts = [world.caption(*combination)
+                     for combination in sorted(world.HELD_OUT)[::2][:PER_ROW]]
     rows = [("the photos (green, blue, yellow backgrounds)",
              [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))])]
     drawn = {}
@@ -69,6 +73,11 @@ def compare(models: dict[str, Path], photos: Path, out: Path, seed: int = 0) -> 
             drawn[label] = [bench.sample(pipe, [prompt] * PER_ROW,
                                          seed + (k if k < len(prompts) - 1 else 10))
                             for k, (prompt, _) in enumerate(prompts)]
+            if len(models) > 1:
+                drawn[label].append(bench.sample(pipe, world_prompts, seed + 20))
+    if len(models) > 1:
+        prompts.append(("the world: " + "; ".join(p.removeprefix("a photo of a ")
+                                                  for p in world_prompts), "held out"))
     for k, (prompt, note) in enumerate(prompts):
         for label, images in drawn.items():
             rows.append((f"{label + ': ' if label else ''}{prompt}  ({note})", images[k]))
@@ -101,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "sheet":
         print(f"contact sheet: {sheet(args.trained, args.photos, args.out)}")
     else:
-        models = dict(item.split("=", 1) for item in args.models)
-        print(f"contact sheet: {compare({k: Path(v) for k, v in models.items()}, args.photos, "
-              f"args.out)}")
+        models = {label: Path(tar) for label, tar in (m.split("=", 1) for m in args.models)}
+        print(f"contact sheet: {compare(models, args.photos, args.out)}")
     return 0
 
 

@@ -52,8 +52,7 @@ def instance_prior_prompts(concept: Concept, caption: str) -> list[str]:
 
 def class_image_prompts(concept: Concept, count: int) -> list[str]:
     """The prompt of each of `count` generated class images: the class prompt for the first
-    half, the prior prompts in equal blocks for the rest (contiguous, so each process's share is
-    a few runs of one prompt). Half stay on the class prompt itself, however many contexts:
+    half, the prior prompts in equal blocks for the rest. Half stay on the class prompt itself, however many contexts:
     spread evenly over 40 prompts, the bare class got 1 image in 40 in the toy world, and the
     subject leaked into it (PRES 0.55)."""
     contexts = [p for p in dict.fromkeys(concept.prior_prompts) if p != concept.class_prompt]

@@ -231,20 +231,15 @@ def top_up_class_images(config: TrainConfig, intake: Intake, model: Model, log) 
             continue
         mine = distributed.share(accelerator.process_index, count, accelerator.num_processes)
         prompts = class_image_prompts(concept, count)
-        label = ("class images" if accelerator.num_processes == 1 else
-                 f"class images (rank 0's share of {count})")
-        made = []
-        for prompt in dict.fromkeys(prompts[i] for i in mine):  # runs of one prompt each
-            run = [i for i in mine if prompts[i] == prompt]
-            with model.half():
-                made += generate(model.pipe, prompt, len(run),
-                                 batch_size=config.sample_batch_size,
-                                 steps=config.class_infer_steps,
-                                 guidance=config.class_guidance_scale, seed=config.seed + k,
-                                 resolution=config.resolution, first=run[0], log=log,
-                                 scheduler=sampler(model.pipe, config.class_scheduler),
-                                 label=label if len(set(prompts)) == 1 else
-                                 f"{label}, \"{prompt}\"")
+        with model.half():
+            made = generate(model.pipe, prompts[mine.start:mine.stop], len(mine),
+                            batch_size=config.sample_batch_size,
+                            steps=config.class_infer_steps, guidance=config.class_guidance_scale,
+                            seed=config.seed + k, resolution=config.resolution,
+                            first=mine.start, log=log,
+                            scheduler=sampler(model.pipe, config.class_scheduler),
+                            label="class images" if accelerator.num_processes == 1 else
+                            f"class images (rank 0's share of {count})")
         made = distributed.all_gather(made)
         folder = f"generated/{k}" if len(intake.concepts) > 1 else "generated"
         generated += [Example(f"{folder}/{i:04d}.png", prompts[i], im.size, im, concept=k)

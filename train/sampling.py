@@ -37,12 +37,14 @@ def sampler(pipe, name: str):
     return getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
 
 
-def generate(pipe, prompt: str, count: int, *, batch_size: int, steps: int, guidance: float,
-             seed: int, resolution: int | tuple[int, int], negative_prompt: str | None = None,
-             label: str = "images", first: int = 0, scheduler=None, log=print) -> list:
-    """`count` PIL images of `prompt` at `resolution` x `resolution` (or (width, height)):
-    images first, first+1, ... of `seed`; with `scheduler` in place of the pipeline's own for
-    this call."""
+def generate(pipe, prompt: str | list[str], count: int, *, batch_size: int, steps: int,
+             guidance: float, seed: int, resolution: int | tuple[int, int],
+             negative_prompt: str | None = None, label: str = "images", first: int = 0,
+             scheduler=None, log=print) -> list:
+    """`count` PIL images of `prompt` (or of each of `count` prompts, batched together) at
+    `resolution` x `resolution` (or (width, height)): images first, first+1, ... of `seed`;
+    with `scheduler` in place of the pipeline's own for this call."""
+    prompts = [prompt] * count if isinstance(prompt, str) else list(prompt)
     width, height = resolution if isinstance(resolution, tuple) else (resolution, resolution)
     images, start = [], time.perf_counter()
     own = pipe.scheduler
@@ -55,9 +57,14 @@ def generate(pipe, prompt: str, count: int, *, batch_size: int, steps: int, guid
             generator = [torch.Generator().manual_seed(image_seed(seed, i))
                          for i in range(index, index + n)]
             with torch.no_grad():
-                out = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
-                           num_inference_steps=steps, guidance_scale=guidance,
-                           height=height, width=width, generator=generator)
+                chunk = prompts[len(images):len(images) + n]
+                # One prompt: encoded once, as before prompts could differ (the same pixels).
+                one = len(set(chunk)) == 1
+                out = pipe(chunk[0] if one else chunk, num_images_per_prompt=n if one else 1,
+                           negative_prompt=negative_prompt if one or negative_prompt is None
+                           else [negative_prompt] * n, num_inference_steps=steps,
+                           guidance_scale=guidance, height=height, width=width,
+                           generator=generator)
             images.extend(out.images)
             elapsed = time.perf_counter() - start
             log(f"{label}: {len(images)}/{count}  {len(images) / elapsed:.2f} images/s")
