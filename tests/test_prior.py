@@ -174,3 +174,20 @@ def settings(**changes) -> TrainConfig:
 def test_bad_prior_settings_are_refused_in_one_line(changes, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         settings(**changes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_base_model_prior_in_mixed_precision_on_gpu(tmp_path, photos_zip, precision, lora):
+    """The frozen copy (full fine-tune) is held in the mixed precision, the LoRA's base is the
+    same UNet under autocast: step 1's prior half is near zero, and the loss stays finite."""
+    out, _ = train_tiny(tmp_path, photos_zip, prior_source="base_model", use_lora=lora,
+                        mixed_precision=precision, gradient_checkpointing=True,
+                        **dict(EXACT, max_train_steps=5))
+    record = read_training_json(out)
+    assert record["mixed_precision"] == precision
+    history = record["history"]
+    assert history[0]["class_loss"] < 1e-3
+    assert all(h["loss"] is not None for h in history)
