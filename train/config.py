@@ -306,18 +306,8 @@ class TrainConfig:
         coerce(self)
         for name in PROMPTS:
             check_prompt(name, getattr(self, name))
-        prompts = self.eval_prompt_list() or []
-        if len(prompts) > MAX_EVAL_PROMPTS:
-            raise UserError(f"eval_prompts holds {len(prompts)} prompts; at most "
-                            f"{MAX_EVAL_PROMPTS} (the paper uses 25)")
-        for n, prompt in enumerate(prompts, 1):
-            check_prompt(f"eval_prompts line {n}", prompt)
-        prior = lines(self.prior_prompts)
-        if len(prior) > MAX_EVAL_PROMPTS:
-            raise UserError(f"prior_prompts holds {len(prior)} prompts; at most "
-                            f"{MAX_EVAL_PROMPTS}")
-        for n, prompt in enumerate(prior, 1):
-            check_prompt(f"prior_prompts line {n}", prompt)
+        check_prompts("eval_prompts", self.eval_prompt_list() or [], " (the paper uses 25)")
+        check_prompts("prior_prompts", lines(self.prior_prompts))
         if not self.instance_data:
             raise UserError("instance_data is required: a ZIP (or folder) of 3-20 photos of the "
                             "subject")
@@ -330,11 +320,11 @@ class TrainConfig:
                     raise UserError("class_prompt is needed with prior preservation: give one, "
                                     "e.g. 'a photo of a dog', or set with_prior_preservation to "
                                     "false")
-            if self.prior_source == "base_model" and self.class_data:
+            if self.base_model_prior() and self.class_data:
                 raise UserError("class_data is not used with prior_source base_model, which "
                                 "needs no class images: leave class_data out, or set "
                                 "prior_source to class_images")
-            if self.num_class_images < 1 and self.prior_source == "class_images":
+            if self.num_class_images < 1 and self.class_images():
                 raise UserError("num_class_images must be at least 1 with prior preservation, "
                                 "or set with_prior_preservation to false")
         for name in ("adam_beta1", "adam_beta2"):
@@ -365,6 +355,14 @@ class TrainConfig:
         if self.resolution % 8:
             raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
                             f"try {self.resolution // 8 * 8}")
+
+    def class_images(self) -> bool:
+        """Whether the run trains on class images (prior preservation from class images)."""
+        return self.with_prior_preservation and self.prior_source == "class_images"
+
+    def base_model_prior(self) -> bool:
+        """Whether prior preservation's targets are the base model's own predictions."""
+        return self.with_prior_preservation and self.prior_source == "base_model"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -465,12 +463,10 @@ def concepts_of(config: TrainConfig) -> list[Concept]:
             raise UserError(f"concept {n}: num_class_images must be a whole number from 0 to "
                             f"{MAX_CLASS_IMAGES}")
         prior = item.get("prior_prompts", lines(config.prior_prompts))
-        if not isinstance(prior, list) or not all(isinstance(p, str) for p in prior) \
-                or len(prior) > MAX_EVAL_PROMPTS:
+        if not isinstance(prior, list) or not all(isinstance(p, str) for p in prior):
             raise UserError(f"concept {n}: prior_prompts must be a list of at most "
                             f"{MAX_EVAL_PROMPTS} prompts")
-        for prompt_n, prior_prompt in enumerate(prior, 1):
-            check_prompt(f"concept {n}: prior_prompts item {prompt_n}", prior_prompt)
+        check_prompts(f"concept {n}: prior_prompts", prior, unit="item")
         concepts.append(Concept(prompt, class_prompt, _folder(folder),
                                 None if class_folder is None else _folder(str(class_folder)),
                                 count, tuple(p.strip() for p in prior if p.strip())))
@@ -486,6 +482,14 @@ def check_prompt(name: str, prompt: str | None) -> None:
         raise UserError(f"{name} is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} "
                         f"(the text encoder reads only its first 77 tokens, about 300 "
                         f"characters)")
+
+
+def check_prompts(name: str, prompts: list[str], note: str = "", unit: str = "line") -> None:
+    """A list of prompts: at most MAX_EVAL_PROMPTS, each within MAX_PROMPT_CHARS."""
+    if len(prompts) > MAX_EVAL_PROMPTS:
+        raise UserError(f"{name} holds {len(prompts)} prompts; at most {MAX_EVAL_PROMPTS}{note}")
+    for n, prompt in enumerate(prompts, 1):
+        check_prompt(f"{name} {unit} {n}", prompt)
 
 
 def _folder(name: str) -> str:

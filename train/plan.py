@@ -40,7 +40,7 @@ def make_plan(config: TrainConfig, concepts: list[Concept], instance: list,
     with its class images: max(instances, class images) pairs per concept. Each optimizer step
     takes train_batch_size pairs in each of `processes` processes, gradient_accumulation_steps
     times: that product is the effective batch (and scale_lr's factor)."""
-    prior = config.with_prior_preservation and config.prior_source == "class_images"
+    prior = config.class_images()
     counts = [(sum(ex.concept == k for ex in instance), c.num_class_images if prior else 0)
               for k, c in enumerate(concepts)]
     pairs = sum(max(n_inst, n_cls) for n_inst, n_cls in counts)

@@ -140,15 +140,14 @@ def take_in(config: TrainConfig, world: int) -> Intake:
         intake.instance += found
         intake.instance_skipped += skipped
         have = []
-        class_images = config.with_prior_preservation and config.prior_source == "class_images"
-        if class_images and concept.class_folder is not None:
+        if config.class_images() and concept.class_folder is not None:
             have, skipped = read_images(config.class_data, "class_data", concept.class_prompt,
                                         config.resolution, limit=concept.num_class_images,
                                         limits=limits, background=config.alpha_background,
                                         words=words, folder=concept.class_folder, concept=k)
             intake.classes += have
             intake.class_skipped += skipped
-        wanted = concept.num_class_images if class_images else 0
+        wanted = concept.num_class_images if config.class_images() else 0
         intake.to_generate.append(wanted - len(have))
     if config.concepts:  # say what the concept folders left out, rather than drop it silently
         intake.instance_skipped += outside_folders(config.instance_data, "instance_data",
@@ -182,11 +181,16 @@ class Model:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The mixed precision's dtype (float32 without one)."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+
     def half(self):
         """Autocast to the mixed precision, for sampling on a GPU: the fp32 weights stay exact
         for training."""
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        return (torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext())
+        return (torch.autocast("cuda", dtype=self.dtype) if self.precision != "no"
+                else contextlib.nullcontext())
 
 
 def load(config: TrainConfig, work: Path | None, log) -> Model:
@@ -288,7 +292,7 @@ def cache(config: TrainConfig, intake: Intake, model: Model) -> TrainingData:
                    cache_embeddings=not config.train_text_encoder, seed=config.seed,
                    flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets,
                    prior=[instance_prior_prompts(intake.concepts[ex.concept], ex.caption)
-                          for ex in intake.instance] if base_model_prior(config) else None)
+                          for ex in intake.instance] if config.base_model_prior() else None)
 
 
 def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
@@ -302,9 +306,8 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     before = base_weights(pipe, text_names, config) if config.extract_lora else None
     # A full fine-tune's base-model prior needs the UNet as it was; a LoRA's is the same UNet
     # with its adapters off.
-    base_unet = (frozen_copy(unet, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        model.precision, torch.float32)) if base_model_prior(config) and not config.use_lora
-        else None)
+    base_unet = (frozen_copy(unet, model.dtype) if config.base_model_prior()
+                 and not config.use_lora else None)
     unet_params, text_params = mark_trainable(unet, dict(zip(text_names, text_encoders)), config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -514,10 +517,6 @@ class Timings:
         now = time.perf_counter()
         self.seconds[phase] = round(now - self.clock, 3)
         self.clock = now
-
-
-def base_model_prior(config: TrainConfig) -> bool:
-    return config.with_prior_preservation and config.prior_source == "base_model"
 
 
 def _silent(_line: str) -> None:
