@@ -241,11 +241,11 @@ class Predictor(BasePredictor):
             default="dpm++", choices=["dpm++", "base", "ddim", "euler"],
             description="Sampler for the generated class images: dpm++ (DPM-Solver++, at least as accurate in 25 steps as the base model's own sampler in 50: half the time), base (the base model's own, e.g. PNDM for SD 1.5), ddim or euler"),
         prior_source: str = Input(
-            default="class_images", choices=["class_images", "base_model"],
-            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
+            default="class_images", choices=["class_images", "base_model", "class_images+base_model"],
+            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy) or class_images+base_model (class images of the class prompt, each also kept under one of prior_prompts by the base model's prediction on it)"),
         prior_prompts: Optional[str] = Input(
             default=None,
-            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo is also kept under one of them, drawn at random each step"),
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo, with class_images+base_model each class image, is also kept under one of them, drawn at random each step"),
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),
@@ -435,11 +435,11 @@ class Predictor(BasePredictor):
             default="dpm++", choices=["dpm++", "base", "ddim", "euler"],
             description="Sampler for the generated class images: dpm++ (DPM-Solver++, at least as accurate in 25 steps as the base model's own sampler in 50: half the time), base (the base model's own, e.g. PNDM for SD 1.5), ddim or euler"),
         prior_source: str = Input(
-            default="class_images", choices=["class_images", "base_model"],
-            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy)"),
+            default="class_images", choices=["class_images", "base_model", "class_images+base_model"],
+            description="Where prior preservation's targets come from: class_images (the paper's: images of the class, generated before training, trained on beside the photos) or base_model (no class images: the base model's own prediction for the class prompt on each step's noisy photo, with the LoRA switched off or from a frozen copy) or class_images+base_model (class images of the class prompt, each also kept under one of prior_prompts by the base model's prediction on it)"),
         prior_prompts: Optional[str] = Input(
             default=None,
-            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo is also kept under one of them, drawn at random each step"),
+            description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo, with class_images+base_model each class image, is also kept under one of them, drawn at random each step"),
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),

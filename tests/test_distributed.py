@@ -53,11 +53,14 @@ def test_a_config_goes_through_the_command_line_unchanged(tmp_path):
     assert TrainConfig(**vars(build_parser().parse_args(argv))) == config
 
 
-# The base model's prior draws a prior prompt per row of the global batch: the same in both.
-PRIOR = dict(prior_source="base_model", prior_prompts="a photo of a ball on grass")
+# The base model's prior draws a prior prompt per row of the global batch: the same in both,
+# on the photos' rows (base_model) or on the class images' (class_images+base_model, which
+# trains on class images as the plain class_images prior does, plus those rows).
+PRIORS = [dict(prior_source=source, prior_prompts="a photo of a ball on grass")
+          for source in ("class_images+base_model", "base_model")]
 
 
-@pytest.mark.parametrize("prior", [{}, PRIOR], ids=["class_images", "base_model"])
+@pytest.mark.parametrize("prior", PRIORS, ids=lambda prior: prior["prior_source"])
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_zip, prior):
     """2 processes x train_batch_size 1 against 1 process x 2: the same batches, class images,
     noise and timesteps; only the order of floating-point sums differs."""

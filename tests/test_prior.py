@@ -1,16 +1,19 @@
 """Prior preservation's sources and prompts (train/prior.py), each tested for its effect: the
 base model's own predictions as the prior (no class images), the class in other contexts
-(prior_prompts) for class images and for that prior, and the class images' guidance.
+(prior_prompts) for class images and for that prior, class images with the base model's
+predictions for those contexts on them, and the class images' guidance.
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from helpers import FAST, read_training_json, same_weights, train_tiny, unet_weights
+from helpers import (FAST, image_bytes, make_zip, read_training_json, same_weights, train_tiny,
+                     unet_weights)
 from train import TrainConfig, families
 from train.config import Concept
 from train.data import Batch
@@ -47,6 +50,8 @@ def test_class_image_prompts_keep_half_on_the_class_and_run_through_the_contexts
         ["in snow", "in snow", "on grass", "on sand"]
     plain = Concept("a photo of sks ball", "a photo of a ball", "", None, 4)
     assert class_image_prompts(plain, 3) == ["a photo of a ball"] * 3
+    # class_images+base_model: the base model keeps the contexts; the images are the class
+    assert class_image_prompts(BALL, 5, contexts=False) == ["a photo of a ball"] * 5
 
 
 def test_each_photo_is_kept_under_its_class_caption_and_one_drawn_context():
@@ -67,6 +72,17 @@ def test_each_photo_is_kept_under_its_class_caption_and_one_drawn_context():
                                                                    contexts[3]]
     # every process pads to the global batch's longest prompt: prompt 5, drawn for rank 1
     assert length == 9
+    # On class images (class_images+base_model) only the contexts: the class images are
+    # already the class under its prompt. Rows count from the process's first pair.
+    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 1,
+                                          False, contexts_only=True)
+    assert rows.tolist() == [0, 1] and prompts.tolist() == [contexts[2], contexts[3]]
+    assert length == 9
+    alone = Batch(groups=[], prompts=torch.tensor([0]), length=4, n_instance=1,
+                  instance=torch.tensor([2]))  # a photo without contexts: no row at all
+    rows, prompts, length = prior_prompts(data, alone, torch.Generator().manual_seed(0), 0,
+                                          False, contexts_only=True)
+    assert rows.tolist() == [] and prompts.tolist() == [] and length == 4
 
 
 def prediction_gap(folder, prompt: str, seed: int = 0) -> float:
@@ -118,13 +134,36 @@ def test_the_base_model_prior_keeps_the_class_where_training_moves_it(tmp_path, 
     assert subject_held > 0.5 * subject_moved, (subject_held, subject_moved)
 
 
-def test_a_base_model_prior_run_resumes_bit_identical(tmp_path, photos_zip):
-    settings = dict(EXACT, prior_source="base_model", max_train_steps=4, checkpointing_steps=2,
+@pytest.mark.parametrize("source", ["base_model", "class_images+base_model"])
+def test_a_base_model_prior_run_resumes_bit_identical(tmp_path, photos_zip, source):
+    settings = dict(EXACT, prior_source=source, max_train_steps=4, checkpointing_steps=2,
                     prior_prompts="a photo of a ball on grass\na photo of a ball in snow")
     whole, _ = train_tiny(tmp_path, photos_zip, "whole", **settings)
     resumed, _ = train_tiny(tmp_path, photos_zip, "again", **settings,
                             resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
     assert same_weights(unet_weights(whole), unet_weights(resumed))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-buckets"])
+def test_class_images_with_the_base_model_prior_for_their_contexts(tmp_path, photos_zip, lora):
+    """class_images+base_model: the class images are all of the class prompt, each step's class
+    rows are denoised again under a prior prompt toward the base model's prediction, and it
+    trains full and LoRA, with the class rows in their own UNet batch when aspect buckets give
+    the photos another shape. Its effect on the contexts needs a model that reads its prompts:
+    tests/test_toy.py measures it in the toy world."""
+    context = "a photo of a ball on grass"
+    if lora:  # wide photos: instance and class latents differ in shape, two UNet batches
+        photos_zip = make_zip(tmp_path / "wide.zip", {f"{i}.jpg": image_bytes(size=(96, 48))
+                                                      for i in range(3)})
+    out, lines = train_tiny(tmp_path, photos_zip, prior_source="class_images+base_model",
+                            prior_prompts=context, use_lora=lora, aspect_buckets=lora,
+                            **dict(EXACT, max_train_steps=3, num_class_images=4))
+    record = read_training_json(out)
+    assert {ex["caption"] for ex in record["dataset"]["class"]["used"]} == {"a photo of a ball"}
+    assert 'class images: 4 "a photo of a ball" (0 from class_data, 4 to generate)' in lines
+    assert "prior: each class image also kept under one of 1 prior_prompts by the base " \
+        "model's own predictions" in lines
+    assert all(h["class_loss"] > 1e-3 for h in record["history"])  # the class images' own
 
 
 def test_prior_prompts_vary_the_class_images_and_a_resume_keeps_their_captions(tmp_path,
@@ -170,9 +209,12 @@ def settings(**changes) -> TrainConfig:
     (dict(concepts=json.dumps([{"instance_data": "a", "prior_prompts": "a photo"}])),
      "concept 1: prior_prompts must be a list of at most 200 prompts"),
     (dict(prior_source="lots"), "prior_source"),
+    (dict(prior_source="class_images+base_model"),
+     "prior_source class_images+base_model keeps the class in the contexts of prior_prompts: "
+     "give prior_prompts"),
 ])
 def test_bad_prior_settings_are_refused_in_one_line(changes, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         settings(**changes)
 
 

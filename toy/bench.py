@@ -116,6 +116,21 @@ VARIANTS = {
                             "prior_prompts": CONTEXTS},
     "base_prior_world": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                          "prior_prompts": WORLD_CONTEXTS},
+    # Class images of the bare class, and the base model's predictions for the world's captions
+    # on the class images' latents (prior_source class_images+base_model).
+    **{f"class_base_world{tag}": {"prior_source": "class_images+base_model",
+                                  "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": weight}
+       for tag, weight in (("", 0.25), ("_0.5", 0.5), ("_1", 1.0), ("_2", 2.0))},
+    # in the default's training time: the extra row and the base model's pass cost a quarter
+    "class_base_world_1_600": {"prior_source": "class_images+base_model",
+                               "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 1.0,
+                               "max_train_steps": 600},
+    "class_base_world_lora_0.5": {"prior_source": "class_images+base_model",
+                                  "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 0.5,
+                                  "use_lora": True, "learning_rate": 1e-3},
+    "class_base_world_lora_1": {"prior_source": "class_images+base_model",
+                                "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 1.0,
+                                "use_lora": True, "learning_rate": 1e-3},
     "base_prior_contexts_lora": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                                  "prior_prompts": CONTEXTS, "use_lora": True,
                                  "learning_rate": 1e-3},

@@ -29,7 +29,7 @@ MIXED_PRECISION = ["auto", "no", "fp16", "bf16"]
 # Samplers for the generated class images (train/sampling.py SAMPLERS); "base" is the model's own.
 CLASS_SCHEDULERS = ["dpm++", "base", "ddim", "euler"]
 # Where prior preservation's targets come from (train/prior.py).
-PRIOR_SOURCES = ["class_images", "base_model"]
+PRIOR_SOURCES = ["class_images", "base_model", "class_images+base_model"]
 # Any combination of the three formats, in one canonical order (Cog shows these as a menu).
 OUTPUT_FORMATS = ["auto", "diffusers", "single_file", "lora", "diffusers,single_file",
                   "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"]
@@ -88,12 +88,15 @@ class TrainConfig:
                         "paper's: images of the class, generated before training, trained on "
                         "beside the photos) or base_model (no class images: the base model's own "
                         "prediction for the class prompt on each step's noisy photo, with the "
-                        "LoRA switched off or from a frozen copy)", choices=PRIOR_SOURCES)
+                        "LoRA switched off or from a frozen copy) or class_images+base_model "
+                        "(class images of the class prompt, each also kept under one of "
+                        "prior_prompts by the base model's prediction on it)",
+        choices=PRIOR_SOURCES)
     prior_prompts: str | None = setting(
         None, "The class in other contexts for the prior, one prompt a line (e.g. 'a photo of "
               "a dog on the beach'): half the class images are generated from these, half from "
-              "class_prompt; with base_model each photo is also kept under one of them, drawn "
-              "at random each step")
+              "class_prompt; with base_model each photo, with class_images+base_model each "
+              "class image, is also kept under one of them, drawn at random each step")
     class_guidance_scale: float = setting(
         7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)
     class_infer_steps: int = setting(
@@ -320,10 +323,16 @@ class TrainConfig:
                     raise UserError("class_prompt is needed with prior preservation: give one, "
                                     "e.g. 'a photo of a dog', or set with_prior_preservation to "
                                     "false")
-            if self.base_model_prior() and self.class_data:
+            if self.prior_source == "base_model" and self.class_data:
                 raise UserError("class_data is not used with prior_source base_model, which "
                                 "needs no class images: leave class_data out, or set "
                                 "prior_source to class_images")
+            if self.prior_source == "class_images+base_model" and not any(
+                    concept.prior_prompts for concept in concepts_of(self)):
+                raise UserError("prior_source class_images+base_model keeps the class in the "
+                                "contexts of prior_prompts: give prior_prompts (one a line, e.g. "
+                                "'a photo of a dog on the beach'), or set prior_source to "
+                                "class_images")
             if self.num_class_images < 1 and self.class_images():
                 raise UserError("num_class_images must be at least 1 with prior preservation, "
                                 "or set with_prior_preservation to false")
@@ -358,11 +367,12 @@ class TrainConfig:
 
     def class_images(self) -> bool:
         """Whether the run trains on class images (prior preservation from class images)."""
-        return self.with_prior_preservation and self.prior_source == "class_images"
+        return self.with_prior_preservation and self.prior_source != "base_model"
 
     def base_model_prior(self) -> bool:
-        """Whether prior preservation's targets are the base model's own predictions."""
-        return self.with_prior_preservation and self.prior_source == "base_model"
+        """Whether prior preservation's targets include the base model's own predictions: on
+        the photos' noisy latents (base_model) or on the class images' (class_images+base_model)."""
+        return self.with_prior_preservation and self.prior_source != "class_images"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,7 +8,9 @@ random timesteps, and asks the UNet for the noise (or v: the family's objective)
 The class half is DreamBooth's prior preservation: it keeps the model able to draw the plain
 class while it learns the subject. With prior_source base_model (train/prior.py) there are no
 class images: the class half is each photo's noisy latent again, under a prior prompt, and its
-target the base model's prediction for it instead of the noise.
+target the base model's prediction for it instead of the noise. With class_images+base_model
+the class half is the class images, and each class image's noisy latent again under one of the
+prior prompts, with the base model's prediction as its target.
 
 `recipe.run` calls `train` once per stretch between checkpoints, with the `Training` it
 prepared; each step's rows come from data.draw_batch, and the family (train/families) encodes
@@ -113,6 +115,8 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
     optimizer = training.optimizer
     prior_loss_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
     base_prior = data.prior_index is not None
+    # The base model's rows are the photos' (base_model) or the class images' (with them).
+    on_class_rows = base_prior and bool(data.cls_mean)
     ema = list(training.ema.values()) if training.ema else None
     ema_params = [training.trainable[n] for n in training.ema_names] if ema else None
     # Several processes: every one draws the same global batch (train_batch_size per process)
@@ -137,7 +141,7 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
         prompts, length = batch.prompts, batch.length
         if base_prior:  # each instance row's prior prompts, drawn for the global batch
             prior_rows, prior, length = prior_prompts(data, batch, generator, rank,
-                                                      config.pad_tokens)
+                                                      config.pad_tokens, on_class_rows)
             prompts = torch.cat([prompts, prior])
         prompts = prompts.to(device)
 
@@ -164,8 +168,11 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 latents = mean + std * sample_noise
                 noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
                 time_ids = group.time_ids[group.mine].to(device) if family.TIME_IDS else None
-                if base_prior:  # rows again, under their prior prompts (one group)
-                    rows, kept = prior_rows.to(device), prompts[len(noisy):]
+                # The rows again, under their prior prompts: in the last group, which holds the
+                # class rows (after the instance rows when both share one latent shape).
+                if base_prior and group is batch.groups[-1] and len(prior_rows):
+                    offset = batch.n_instance if on_class_rows and len(batch.groups) == 1 else 0
+                    rows, kept = prior_rows.to(device) + offset, prompts[done + len(noisy):]
                     target = torch.cat([target, base_prediction(
                         accelerator, family, unet, training.base_unet, noisy[rows],
                         timesteps[rows], data.base_emb[kept, :length],
@@ -228,12 +235,14 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
 
 
 def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: int,
-                  pad_tokens: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For the base-model prior, which rows of this process's instance rows are denoised again
-    and under which prompts (indices into the prompt table): every row under its photo's class
-    caption, then, for a photo with prior_prompts, the row once more under one of them, drawn
-    for the global batch. Also the length the step's prompts are padded to (the global batch's
-    longest)."""
+                  pad_tokens: bool, contexts_only: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For the base-model prior, which of this process's pairs are denoised again and under
+    which prompts (indices into the prompt table): every row under its photo's class caption
+    (not with `contexts_only`, when the rows are class images), then, for a photo with
+    prior_prompts, the row once more under one of them, drawn for the global batch. Rows count
+    from the first pair of the process's slice. Also the length the step's prompts are padded
+    to (the global batch's longest)."""
     draws = torch.rand(len(batch.instance), generator=generator)
     own, context_rows, contexts = [], [], []
     for row, (i, u) in enumerate(zip(batch.instance.tolist(), draws.tolist())):
@@ -242,12 +251,14 @@ def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: i
         if len(choices) > 1:
             context_rows.append(row)
             contexts.append(int(choices[1 + int(u * (len(choices) - 1))]))
-    length = batch.length if pad_tokens else max(
+    if contexts_only:
+        own = []
+    length = batch.length if pad_tokens or not own + contexts else max(
         batch.length, int(data.prompt_len[torch.tensor(own + contexts)].max()))
     n = batch.n_instance
     mine = [(row - rank * n, prompt) for row, prompt in zip(context_rows, contexts)
             if rank * n <= row < (rank + 1) * n]
-    rows = list(range(n)) + [row for row, _ in mine]
+    rows = ([] if contexts_only else list(range(n))) + [row for row, _ in mine]
     prompts = own[rank * n:(rank + 1) * n] + [prompt for _, prompt in mine]
     return torch.tensor(rows), torch.tensor(prompts), length
 

@@ -89,9 +89,14 @@ def dataset_summary(config: TrainConfig, intake, plan: Plan) -> list[str]:
                          f"\" (in each photo's caption){contexts}; no class images")
             continue
         have = sum(ex.concept == k for ex in classes)
+        both = config.prior_source == "class_images+base_model"
         lines.append(f"class images: {concept.num_class_images} \"{concept.class_prompt}\""
-                     f"{contexts} ({have} from class_data, {intake.to_generate[k]} to "
-                     f"generate)")
+                     f"{'' if both else contexts} ({have} from class_data, "
+                     f"{intake.to_generate[k]} to generate)")
+        if both and concept.prior_prompts:
+            lines.append(f"prior: each class image also kept under one of "
+                         f"{len(concept.prior_prompts)} prior_prompts by the base model's "
+                         f"own predictions")
     for s in intake.class_skipped:
         lines.append(f"  skip  {s['file']}  ({s['reason']})")
     by = ("max_train_steps" if config.max_train_steps

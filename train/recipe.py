@@ -234,7 +234,7 @@ def top_up_class_images(config: TrainConfig, intake: Intake, model: Model, log) 
         if count <= 0:
             continue
         mine = distributed.share(accelerator.process_index, count, accelerator.num_processes)
-        prompts = class_image_prompts(concept, count)
+        prompts = class_image_prompts(concept, count, contexts=not config.base_model_prior())
         with model.half():
             made = generate(model.pipe, prompts[mine.start:mine.stop], len(mine),
                             batch_size=config.sample_batch_size,
