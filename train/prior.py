@@ -59,12 +59,19 @@ def instance_prior_prompts(concept: Concept, caption: str) -> list[str]:
                                *concept.prior_prompts]))
 
 
+def class_image_prior_prompts(concept: Concept) -> list[str]:
+    """The same for class images (class_images+base_model): their own prompt, the class
+    prompt, which their own loss already keeps, then the prior_prompts, one drawn each step."""
+    return [concept.class_prompt, *concept.prior_prompts]
+
+
 def class_image_prompts(concept: Concept, count: int, contexts: bool = True) -> list[str]:
     """The prompt of each of `count` generated class images: the class prompt for the first
-    half, the prior prompts in equal blocks for the rest (all the class prompt when
-    `contexts` is false: class_images+base_model keeps the contexts by the base model). Half stay on the class prompt itself
-    however many contexts there are: spread evenly over 40 prompts, the bare class got 1 image
-    in 40 in the toy world, and the subject leaked into it (PRES 0.46)."""
+    half, the prior prompts in equal blocks for the rest (all the class prompt when `contexts`
+    is false: class_images+base_model keeps the contexts by the base model). Half stay on the
+    class prompt itself however many contexts there are: spread evenly over 40 prompts, the
+    bare class got 1 image in 40 in the toy world, and the subject leaked into it (PRES
+    0.46)."""
     contexts = [p for p in dict.fromkeys(concept.prior_prompts if contexts else ())
                 if p != concept.class_prompt]
     if not contexts:

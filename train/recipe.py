@@ -41,7 +41,8 @@ from .models import check_model, load_pipeline
 from .optim import (base_weights, bitsandbytes_adamw, lr_schedule, make_optimizer,
                     mark_trainable)
 from .plan import Plan, dataset_summary, make_plan
-from .prior import class_image_prompts, frozen_copy, instance_prior_prompts
+from .prior import (class_image_prior_prompts, class_image_prompts, frozen_copy,
+                    instance_prior_prompts)
 from .quiet import quiet_libraries
 from .sampling import generate, sampler
 
@@ -291,8 +292,19 @@ def cache(config: TrainConfig, intake: Intake, model: Model) -> TrainingData:
                    intake.instance, intake.classes, config.resolution, config.center_crop,
                    cache_embeddings=not config.train_text_encoder, seed=config.seed,
                    flip=config.flip_p > 0, aspect_buckets=config.aspect_buckets,
-                   prior=[instance_prior_prompts(intake.concepts[ex.concept], ex.caption)
-                          for ex in intake.instance] if config.base_model_prior() else None)
+                   prior=prior_prompt_lists(config, intake))
+
+
+def prior_prompt_lists(config: TrainConfig, intake: Intake) -> list[list[str]] | None:
+    """Per instance image, the prompts the base-model prior denoises its pair's rows under:
+    its own class prompt first, then the contexts drawn from (train/prior.py). None when the
+    base model gives no targets."""
+    if not config.base_model_prior():
+        return None
+    if config.class_images():  # class_images+base_model: the rows are the pair's class image
+        return [class_image_prior_prompts(intake.concepts[ex.concept]) for ex in intake.instance]
+    return [instance_prior_prompts(intake.concepts[ex.concept], ex.caption)
+            for ex in intake.instance]
 
 
 def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
