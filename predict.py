@@ -249,6 +249,9 @@ class Predictor(BasePredictor):
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),
+        context_loss_weight: float = Input(
+            default=0.5, ge=0.0, le=1000.0,
+            description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),
         # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
@@ -443,6 +446,9 @@ class Predictor(BasePredictor):
         class_guidance_scale: float = Input(
             default=7.5, ge=0.0, le=50.0,
             description="Classifier-free guidance scale for the generated class images"),
+        context_loss_weight: float = Input(
+            default=0.5, ge=0.0, le=1000.0,
+            description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),
         # End of what script/schema writes.
     ) -> TrainingOutput:
         """The same training through Cog's training API (`train:` in generate.yaml): Replicate

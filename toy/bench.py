@@ -116,21 +116,23 @@ VARIANTS = {
                             "prior_prompts": CONTEXTS},
     "base_prior_world": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                          "prior_prompts": WORLD_CONTEXTS},
-    # Class images of the bare class, and the base model's predictions for the world's captions
-    # on the class images' latents (prior_source class_images+base_model).
-    **{f"class_base_world{tag}": {"prior_source": "class_images+base_model",
-                                  "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": weight}
-       for tag, weight in (("", 0.25), ("_0.5", 0.5), ("_1", 1.0), ("_2", 2.0))},
-    # in the default's training time: the extra row and the base model's pass cost a quarter
-    "class_base_world_1_600": {"prior_source": "class_images+base_model",
-                               "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 1.0,
-                               "max_train_steps": 600},
-    "class_base_world_lora_0.5": {"prior_source": "class_images+base_model",
-                                  "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 0.5,
-                                  "use_lora": True, "learning_rate": 1e-3},
-    "class_base_world_lora_1": {"prior_source": "class_images+base_model",
-                                "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 1.0,
-                                "use_lora": True, "learning_rate": 1e-3},
+    # Class images of the bare class (weight prior_loss_weight), and the base model's
+    # predictions for the world's captions on the class images' latents (weight
+    # context_loss_weight): prior_source class_images+base_model, named by the two weights.
+    **{f"class_base_world_{class_w}_{context_w}": {
+        "prior_source": "class_images+base_model", "prior_prompts": WORLD_CONTEXTS,
+        "prior_loss_weight": class_w, "context_loss_weight": context_w}
+       for class_w, context_w in ((0.125, 0.125), (0.25, 0.25), (0.5, 0.5), (1, 1), (1, 0.5),
+                                  (0.5, 1))},
+    **{f"class_base_world_lora_{class_w}_{context_w}": {
+        "prior_source": "class_images+base_model", "prior_prompts": WORLD_CONTEXTS,
+        "prior_loss_weight": class_w, "context_loss_weight": context_w, "use_lora": True,
+        "learning_rate": 1e-3} for class_w, context_w in ((0.5, 0.5), (0.25, 0.25), (1, 0.5))},
+    # in about the default's training time: the extra row and the base model's pass cost a
+    # quarter more per step
+    "class_base_world_1_0.5_600": {"prior_source": "class_images+base_model",
+                                   "prior_prompts": WORLD_CONTEXTS, "prior_loss_weight": 1,
+                                   "context_loss_weight": 0.5, "max_train_steps": 600},
     "base_prior_contexts_lora": {"prior_source": "base_model", "prior_loss_weight": 1.0,
                                  "prior_prompts": CONTEXTS, "use_lora": True,
                                  "learning_rate": 1e-3},

@@ -97,6 +97,10 @@ class TrainConfig:
               "a dog on the beach'): half the class images are generated from these, half from "
               "class_prompt; with base_model each photo, with class_images+base_model each "
               "class image, is also kept under one of them, drawn at random each step")
+    context_loss_weight: float = setting(
+        0.5, "With prior_source class_images+base_model: the weight of the class images' rows "
+             "under prior_prompts (toward the base model's predictions), beside "
+             "prior_loss_weight for the class images themselves", ge=0.0, le=1000.0)
     class_guidance_scale: float = setting(
         7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)
     class_infer_steps: int = setting(

@@ -5,6 +5,8 @@ random timesteps, and asks the UNet for the noise (or v: the family's objective)
 
     MSE(instance half) + prior_loss_weight * MSE(class half)
 
+(+ context_loss_weight * MSE(the base model's context rows) with class_images+base_model)
+
 The class half is DreamBooth's prior preservation: it keeps the model able to draw the plain
 class while it learns the subject. With prior_source base_model (train/prior.py) there are no
 class images: the class half is each photo's noisy latent again, under a prior prompt, and its
@@ -52,9 +54,14 @@ class LoopState:
 
 
 def dreambooth_loss(inst_pred, inst_target, cls_pred, cls_target, prior_loss_weight: float,
-                    weights: torch.Tensor | None = None):
+                    weights: torch.Tensor | None = None, contexts: int = 0,
+                    context_weight: float = 0.0):
     """(total, instance, class) MSE losses; the class half may be empty (no prior preservation).
-    `weights` (one per row, instance rows first) weights each example's MSE, e.g. min-SNR."""
+    `weights` (one per row, instance rows first) weights each example's MSE, e.g. min-SNR.
+    `contexts`: how many of the class half's rows, its last, are the base model's rows for
+    prior_prompts beside class images (class_images+base_model); their mean is weighted
+    `context_weight` apart from the class images'. The class loss reported is the whole class
+    half's mean either way."""
     n = inst_pred.shape[0]
     per_row = [((p.float() - t.float()) ** 2).flatten(1).mean(1)
                for p, t in ((inst_pred, inst_target), (cls_pred, cls_target))]
@@ -64,6 +71,10 @@ def dreambooth_loss(inst_pred, inst_target, cls_pred, cls_target, prior_loss_wei
     if cls_pred.shape[0] == 0:
         return instance, instance, torch.zeros_like(instance)
     prior = per_row[1].mean()
+    if contexts:
+        images, kept = per_row[1][:-contexts], per_row[1][-contexts:]
+        return (instance + prior_loss_weight * images.mean() + context_weight * kept.mean(),
+                instance, prior)
     return instance + prior_loss_weight * prior, instance, prior
 
 
@@ -193,8 +204,10 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
             weights = (family.min_snr_weights(scheduler, torch.cat(all_t), config.snr_gamma)
                        if config.snr_gamma > 0 else None)
-            loss, inst_loss, cls_loss = dreambooth_loss(preds[0], targets[0], preds[1],
-                                                        targets[1], prior_loss_weight, weights)
+            loss, inst_loss, cls_loss = dreambooth_loss(
+                preds[0], targets[0], preds[1], targets[1], prior_loss_weight, weights,
+                contexts=len(prior_rows) if on_class_rows else 0,
+                context_weight=config.context_loss_weight)
             accelerator.backward(loss)
             sums += torch.stack([loss, inst_loss, cls_loss]).detach().cpu()
             micro += 1
