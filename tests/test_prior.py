@@ -18,7 +18,7 @@ from train import TrainConfig, families
 from train.config import Concept
 from train.data import Batch
 from train.errors import UserError
-from train.loop import prior_prompts
+from train.loop import dreambooth_loss, prior_prompts
 from train.models import load_pipeline
 from train.prior import class_caption, class_image_prompts, instance_prior_prompts
 
@@ -162,8 +162,25 @@ def test_class_images_with_the_base_model_prior_for_their_contexts(tmp_path, pho
     assert {ex["caption"] for ex in record["dataset"]["class"]["used"]} == {"a photo of a ball"}
     assert 'class images: 4 "a photo of a ball" (0 from class_data, 4 to generate)' in lines
     assert "prior: each class image also kept under one of 1 prior_prompts by the base " \
-        "model's own predictions" in lines
+        "model's own predictions (weight 0.5, class images 1)" in lines
     assert all(h["class_loss"] > 1e-3 for h in record["history"])  # the class images' own
+    # Step 1: the model is still the base, so the context row's error is zero and the class
+    # half's mean is half the class image's; the class image counts at prior_loss_weight (1),
+    # the context row at context_loss_weight, apart.
+    first = record["history"][0]
+    assert first["loss"] - first["instance_loss"] == pytest.approx(2 * first["class_loss"],
+                                                                   rel=1e-4)
+
+
+def test_the_context_rows_are_weighted_apart_from_the_class_images():
+    inst, cls = torch.zeros(1, 4), torch.ones(3, 4)  # a class image's row, then two contexts
+    target = torch.tensor([[0.0] * 4, [3.0] * 4, [2.0] * 4])  # errors 1, 4 and 1
+    total, instance, prior = dreambooth_loss(inst, inst, cls, target, 1.0, contexts=2,
+                                             context_weight=0.5)
+    assert instance == 0 and prior == pytest.approx(2.0)  # the class half's mean, reported
+    assert total == pytest.approx(1.0 * 1 + 0.5 * (4 + 1) / 2)
+    joint, _, _ = dreambooth_loss(inst, inst, cls, target, 1.0)  # base_model: one mean
+    assert joint == pytest.approx(2.0)
 
 
 def test_prior_prompts_vary_the_class_images_and_a_resume_keeps_their_captions(tmp_path,
@@ -209,6 +226,7 @@ def settings(**changes) -> TrainConfig:
     (dict(concepts=json.dumps([{"instance_data": "a", "prior_prompts": "a photo"}])),
      "concept 1: prior_prompts must be a list of at most 200 prompts"),
     (dict(prior_source="lots"), "prior_source"),
+    (dict(context_loss_weight=-1), "context_loss_weight"),
     (dict(prior_source="class_images+base_model"),
      "prior_source class_images+base_model keeps the class in the contexts of prior_prompts: "
      "give prior_prompts"),

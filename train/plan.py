@@ -96,7 +96,8 @@ def dataset_summary(config: TrainConfig, intake, plan: Plan) -> list[str]:
         if both and concept.prior_prompts:
             lines.append(f"prior: each class image also kept under one of "
                          f"{len(concept.prior_prompts)} prior_prompts by the base model's "
-                         f"own predictions")
+                         f"own predictions (weight {config.context_loss_weight:g}, class images "
+                         f"{config.prior_loss_weight:g})")
     for s in intake.class_skipped:
         lines.append(f"  skip  {s['file']}  ({s['reason']})")
     by = ("max_train_steps" if config.max_train_steps
