@@ -322,7 +322,8 @@ class TrainConfig:
             raise UserError("instance_prompt is empty: give a prompt that names the subject, "
                             "e.g. 'a photo of sks dog'")
         if self.with_prior_preservation:
-            for concept in concepts_of(self):
+            concepts = concepts_of(self)
+            for concept in concepts:
                 if not (concept.class_prompt or "").strip():
                     raise UserError("class_prompt is needed with prior preservation: give one, "
                                     "e.g. 'a photo of a dog', or set with_prior_preservation to "
@@ -332,7 +333,7 @@ class TrainConfig:
                                 "needs no class images: leave class_data out, or set "
                                 "prior_source to class_images")
             if self.prior_source == "class_images+base_model" and not any(
-                    concept.prior_prompts for concept in concepts_of(self)):
+                    concept.prior_prompts for concept in concepts):
                 raise UserError("prior_source class_images+base_model keeps the class in the "
                                 "contexts of prior_prompts: give prior_prompts (one a line, e.g. "
                                 "'a photo of a dog on the beach'), or set prior_source to "
