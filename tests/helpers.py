@@ -91,13 +91,18 @@ def assert_close(a, b, tol: float = 1e-5) -> None:
 @torch.no_grad()
 def probe(pipe, prompt: str = "a photo of sks ball"):
     """What a pipeline's trainable parts compute on fixed inputs, for any family: (text states,
-    pooled embedding or None, UNet output) for `prompt` padded to 77 tokens, a fixed noisy
-    latent at timestep 500 and (SDXL) fixed time ids."""
+    pooled embedding or None, denoiser output) for `prompt` padded to its full length (77
+    tokens; T5's as the family says), a fixed noisy latent at timestep 500 and (SDXL) fixed
+    time ids."""
+    from train.data import tokenize
+
     family = families.get(families.of(pipe))
-    ids = [tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
-           for tokenizer in families.tokenizers(pipe)]
+    ids = [tokenize(tokenizer, [prompt], family.TEXT_LENGTHS.get(name))[0]
+           for (_, name), tokenizer in zip(family.TEXT, families.tokenizers(pipe))]
     states, pooled = family.encode_text(families.text_encoders(pipe), ids)
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    denoiser = families.denoiser(pipe)
+    latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8,
+                         generator=torch.Generator().manual_seed(1))
     time_ids = torch.tensor([[48.0, 64, 0, 8, 64, 64]]) if family.TIME_IDS else None
-    out = family.denoise(pipe.unet, latent, torch.tensor([500]), states, pooled, time_ids)
+    out = family.denoise(denoiser, latent, torch.tensor([500]), states, pooled, time_ids)
     return states, pooled, out

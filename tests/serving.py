@@ -227,7 +227,8 @@ class Loopback:
 
 class Server:
     """`python -m cog.server.http` from the project root, as docs/http.md says to run it: BASE_MODEL
-    tiny, its own TMPDIR (where inputs are downloaded and the work and output folders go)."""
+    tiny (unless `env` says otherwise), its own TMPDIR (where inputs are downloaded and the work
+    and output folders go)."""
 
     def __init__(self, scratch: Path, log: Path, *args: str, predictor="predict.py:Predictor",
                  cwd: Path = ROOT, env: dict | None = None, command: list | None = None):
@@ -236,10 +237,11 @@ class Server:
         self.base = f"http://127.0.0.1:{free_port()}"
         # One thread: tiny's ops gain nothing from two, and on a shared 2-core machine two
         # OpenMP threads spin against each other (a worker's first training: 15 s, not 7 s).
-        env = dict(os.environ, BASE_MODEL="tiny", COG_PREDICT_TYPE_STUB=predictor,
-                   PORT=self.base.rsplit(":", 1)[1], TMPDIR=str(scratch), PYTHONPATH=str(ROOT),
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                   OMP_NUM_THREADS="1", PYTHON=sys.executable, **(env or {}))
+        env = {**os.environ, **dict(
+            BASE_MODEL="tiny", COG_PREDICT_TYPE_STUB=predictor, PORT=self.base.rsplit(":", 1)[1],
+            TMPDIR=str(scratch), PYTHONPATH=str(ROOT),
+            PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+            OMP_NUM_THREADS="1", PYTHON=sys.executable), **(env or {})}
         self.log = open(log, "w")
         # `command` (e.g. script/serve generate) instead of the server module itself.
         self.process = subprocess.Popen(

@@ -186,3 +186,41 @@ def test_generate_bench_times_the_cold_start_and_each_image(tmp_path):
     parts = [row[k] for k in ("unpack_s", "load_s", "first_image_s", "per_image_s")]
     assert all(seconds > 0 for seconds in parts) and row["tarball_mib"] > 1
     assert abs(row["cold_s"] - sum(parts[:3])) < 1e-6
+
+
+def test_predicted_memory_follows_what_trains_and_how(tmp_path):
+    """On the meta device, for the flow families' tiny models: a LoRA trains a sliver of the
+    weights and holds its frozen base in bf16; gradient checkpointing cuts the activations;
+    frozen text encoders are parked off the GPU."""
+    from bench.predict import predict, step_memory
+    from bench.speed import scenario_config
+
+    base = scenario_config("tiny", tmp_path)
+    for model in ("tiny-sd3", "tiny-flux"):
+        full = step_memory(base.__class__(**dict(base.to_dict(), model=model,
+                                                 mixed_precision="bf16")))
+        lora = step_memory(base.__class__(**dict(base.to_dict(), model=model, use_lora=True,
+                                                 lora_rank=2,
+                                                 mixed_precision="bf16")))
+        checkpointed = step_memory(base.__class__(**dict(
+            base.to_dict(), model=model, use_lora=True, lora_rank=2, mixed_precision="bf16",
+            gradient_checkpointing=True)))
+        assert full["frozen"] == 0 and 0 < lora["trainable"] < full["trainable"] / 4
+        # fp32 master weights against a bf16 frozen base plus fp32 adapters
+        assert lora["weights"] < 0.6 * full["weights"]
+        assert lora["optimizer"] < full["optimizer"] and full["text_encoders"] == 0
+        assert 0 < checkpointed["activations"] < lora["activations"]
+        parts = ("weights", "text_encoders", "vae", "gradients", "optimizer", "activations")
+        assert full["total"] == pytest.approx(sum(full[p] for p in parts))
+    row = predict(base.__class__(**dict(base.to_dict(), model="tiny-flux")))
+    assert row["flops_per_step"] > 0
+    assert row["floor_s"]["H100 SXM"] == round(row["flops_per_step"] / 989.4e12, 3)
+
+
+def test_the_large_model_scenarios_are_named():
+    from bench.speed import NAMED
+
+    for name in ("flux-dev-lora-512", "flux-dev-lora-1024", "sd35-large-lora-512",
+                 "sd35-large-lora-1024"):
+        device, settings, _ = NAMED[name]
+        assert device == "cuda" and settings["use_lora"] and settings["gradient_checkpointing"]

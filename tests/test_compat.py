@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import FAST, ROOT, untar
 from train.export import save_pipeline
-from train.models import build_builtin, build_tokenizer
+from train.models import build_builtin
+from train.tokenizers import build_tokenizer
 
 # The older stack. torch stays at the pinned CPU wheel (constraints.txt); peft (with accelerate)
 # is what diffusers 0.35's load_lora_weights needs.

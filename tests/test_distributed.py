@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import FAST, ROOT, read_training_json, train_tiny, unet_weights, untar
 from train import TrainConfig, UserError
@@ -56,18 +57,22 @@ def test_a_config_goes_through_the_command_line_unchanged(tmp_path):
 # The base model's prior draws a prior prompt per row of the global batch: the same in both,
 # on the photos' rows (base_model) or on the class images' (class_images+base_model, which
 # trains on class images as the plain class_images prior does, plus those rows).
+# FLUX: its CLIP-L trains (train_text_encoder's default) and its T5 does not: only the trained
+# encoders are wrapped by DDP.
 PRIORS = [dict(prior_source=source, prior_prompts="a photo of a ball on grass")
           for source in ("class_images+base_model", "base_model")]
+CASES = [dict(model="tiny", **PRIORS[0]), dict(model="tiny", **PRIORS[1]),
+         dict(model="tiny-flux", **PRIORS[1])]
 
 
-@pytest.mark.parametrize("prior", PRIORS, ids=lambda prior: prior["prior_source"])
+@pytest.mark.parametrize("prior", CASES, ids=lambda c: f"{c['model']}-{c['prior_source']}")
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_zip, prior):
     """2 processes x train_batch_size 1 against 1 process x 2: the same batches, class images,
     noise and timesteps; only the order of floating-point sums differs."""
     flags = [x for k, v in prior.items() for x in ("--" + k.replace("_", "-"), v)]
-    child = torchrun(RUN + flags + ["--instance-data", str(photos_zip), "--max-train-steps", "4",
-                                    "--output", str(tmp_path / "two.tar"),
-                                    "--work-dir", str(tmp_path / "work")], tmp_path)
+    child = torchrun(RUN[2:] + flags + [
+        "--instance-data", str(photos_zip), "--max-train-steps", "4",
+        "--output", str(tmp_path / "two.tar"), "--work-dir", str(tmp_path / "work")], tmp_path)
     log = child.communicate(timeout=600)[0]
     assert child.returncode == 0, log
     one, _ = train_tiny(tmp_path, photos_zip, name="one", num_class_images=3,
@@ -86,8 +91,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_
     # equal losses: the same class images (each has its own seed), batches, noise, timesteps
     losses = [[h["loss"] for h in read_training_json(f)["history"]] for f in (one, two)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    start = build_builtin("tiny").unet.state_dict()
-    a, b = unet_weights(one), unet_weights(two)
+    part = "unet" if prior["model"] == "tiny" else "transformer"
+    start = getattr(build_builtin(prior["model"]), part).state_dict()
+    a, b = (load_file(f / part / "diffusion_pytorch_model.safetensors") for f in (one, two))
     moved = sum(float((a[k] - start[k]).norm() ** 2) for k in a) ** 0.5
     apart = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
     # Measured: apart/moved = 0.004 (4 steps at lr 1e-4; Adam magnifies rounding in

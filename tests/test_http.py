@@ -101,6 +101,32 @@ def test_training_from_a_data_uri_returns_a_tarball_that_reloads(server, photos,
         assert pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images
 
 
+def test_a_flux_base_model_trains_a_lora_over_http_that_reloads(photos, tmp_path):
+    """BASE_MODEL names the family: the same server trains FLUX.1 (its tiny built-in)."""
+    from diffusers import FluxPipeline
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    server = Server(scratch, tmp_path / "server.log", command=SERVE,
+                    env=dict(BASE_MODEL="tiny-flux"))
+    try:
+        status, result = server.predict(dict(TINY, instance_data=data_uri(photos),
+                                             use_lora=True))
+    finally:
+        server.stop()
+    assert status == 200 and result["status"] == "succeeded", result.get("error")
+    out = untar_bytes(inlined(result["output"]), tmp_path / "out")
+    record = read_training_json(out)
+    assert record["family"] == "flux" and record["config"]["model"] == "tiny-flux"
+    from train.models import build_builtin
+
+    pipe = build_builtin("tiny-flux")
+    assert isinstance(pipe, FluxPipeline)
+    pipe.load_lora_weights(str(out / "lora"))
+    with one_thread():
+        assert pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images
+
+
 def test_training_from_a_url(server, photos, loopback, tmp_path):
     (loopback.folder / "dog.zip").write_bytes(photos.read_bytes())
     # 64.0: JSON has one number type, and a client may send a whole number with a point.

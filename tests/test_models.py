@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from helpers import ROOT, FAST, read_training_json, untar
 from train import TrainConfig, UserError, run
 from train.families import of as family
-from train.models import build_builtin, build_tokenizer, load_pipeline
+from train.models import build_builtin, load_pipeline
+from train.tokenizers import build_tokenizer
 
 
 def test_random_sd15_is_sd15_sized():
@@ -100,8 +101,8 @@ def test_a_v_prediction_folder_trains(tmp_path, tiny_folder, photos_zip):
 
 
 def test_folder_that_is_not_sd_is_refused(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(UserError, match="is a FluxPipeline; only Stable Diffusion"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtSigmaPipeline"}')
+    with pytest.raises(UserError, match="is a PixArtSigmaPipeline; only Stable Diffusion"):
         load_pipeline(str(tmp_path), "cpu")
     (tmp_path / "model_index.json").write_text('{"_class_name": ')
     with pytest.raises(UserError, match="model_index.json is not valid JSON"):

@@ -33,10 +33,12 @@ def uploaded(path) -> CogPath:
     return CogPath.validate(uri).convert()
 
 
-def test_predict_trains_on_tiny_and_the_tarball_reloads(tmp_path, photos_zip, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_predict_trains_on_tiny_and_the_tarball_reloads(tmp_path, photos_zip, monkeypatch,
+                                                        model):
     from diffusers import DiffusionPipeline
 
-    monkeypatch.setenv("BASE_MODEL", "tiny")
+    monkeypatch.setenv("BASE_MODEL", model)
     predictor = Predictor()
     predictor.setup()
     inputs = dict(cog_defaults(), instance_data=uploaded(photos_zip),
@@ -51,7 +53,7 @@ def test_predict_trains_on_tiny_and_the_tarball_reloads(tmp_path, photos_zip, mo
     image = pipe("a photo of sks ball", num_inference_steps=2, height=64, width=64).images[0]
     assert image.size == (64, 64)
     record = read_training_json(out)
-    assert record["config"]["model"] == "tiny"
+    assert record["config"]["model"] == model
     assert record["config"]["instance_data"] == str(inputs["instance_data"])
     assert record["config"]["adam_epsilon"] == 1e-8  # Cog defaults reached the config
     assert len(record["history"]) == 5

@@ -65,9 +65,9 @@ def test_each_photo_is_kept_under_its_class_caption_and_one_drawn_context():
     draws = torch.rand(4, generator=torch.Generator().manual_seed(0))
     contexts = [[5, 6, 7][int(u * 3)] for u in draws.tolist()]
     assert contexts == [6, 7, 5, 5]  # row 1's photo has no contexts: its draw goes unused
-    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 0, False)
+    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 0)
     assert rows.tolist() == [0, 1, 0] and prompts.tolist() == [3, 2, contexts[0]]
-    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 1, False)
+    rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 1)
     assert rows.tolist() == [0, 1, 0, 1] and prompts.tolist() == [4, 3, contexts[2],
                                                                    contexts[3]]
     # every process pads to the global batch's longest prompt: prompt 5, drawn for rank 1
@@ -75,14 +75,18 @@ def test_each_photo_is_kept_under_its_class_caption_and_one_drawn_context():
     # On class images (class_images+base_model) only the contexts: the class images are
     # already the class under its prompt. Rows count from the process's first pair.
     rows, prompts, length = prior_prompts(data, batch, torch.Generator().manual_seed(0), 1,
-                                          False, contexts_only=True)
+                                          contexts_only=True)
     assert rows.tolist() == [0, 1] and prompts.tolist() == [contexts[2], contexts[3]]
     assert length == 9
     alone = Batch(groups=[], prompts=torch.tensor([0]), length=4, n_instance=1,
                   instance=torch.tensor([2]))  # a photo without contexts: no row at all
     rows, prompts, length = prior_prompts(data, alone, torch.Generator().manual_seed(0), 0,
-                                          False, contexts_only=True)
+                                          contexts_only=True)
     assert rows.tolist() == [] and prompts.tolist() == [] and length == 4
+    # prompts at their full length (pad_tokens, or a T5 family): the contexts' too
+    full = Batch(groups=[], prompts=torch.tensor([0, 0]), length=None, n_instance=2,
+                 instance=torch.tensor([0, 2, 1, 0]))
+    assert prior_prompts(data, full, torch.Generator().manual_seed(0), 1)[2] is None
 
 
 def prediction_gap(folder, prompt: str, seed: int = 0) -> float:

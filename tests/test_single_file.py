@@ -198,8 +198,8 @@ def test_check_model_refuses_bad_single_files(tmp_path):
     refused(sd1, "single-file SD 1.x checkpoint and needs a config folder")
     refused(sd1, "is an SD 1.x checkpoint but config folder .* is SDXL", xl_folder)
     refused(sd1, "config folder .* not found", str(tmp_path / "nowhere"))
-    refused(sd1, "config folder .* is a FluxPipeline",
-            diffusers_folder(tmp_path / "flux", "FluxPipeline"))
+    refused(sd1, "config folder .* is a PixArtSigmaPipeline",
+            diffusers_folder(tmp_path / "pixart", "PixArtSigmaPipeline"))
 
 
 @pytest.mark.parametrize("spoil, reason", [

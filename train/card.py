@@ -39,9 +39,13 @@ USES = {
         [("diffusers", 'pipe.load_lora_weights("this folder/lora")')]),
 }
 # The base model's license, by family (Stable Diffusion 1.x is CreativeML Open RAIL-M; 2.x and
-# XL are CreativeML Open RAIL++-M).
-LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
-HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+# XL are CreativeML Open RAIL++-M; 3.5 is Stability AI's Community License and FLUX.1 [dev] its
+# own non-commercial license, both "other" on the Hub with their names beside).
+LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++",
+            "sd3": "other", "flux": "other"}
+LICENSE_NAMES = {"sd3": "stabilityai-ai-community", "flux": "flux-1-dev-non-commercial-license"}
+HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl",
+            "sd3": "stable-diffusion-3", "flux": "flux"}
 
 
 def file_uses(written: list[str]) -> dict[str, dict]:
@@ -71,6 +75,8 @@ def model_card(config: TrainConfig, kind: str, uses: dict[str, dict], samples: l
         tags.append("lora")
     front = {"license": LICENSES[kind], "library_name": "diffusers", "tags": tags,
              "instance_prompt": config.instance_prompt}
+    if kind in LICENSE_NAMES:
+        front["license_name"] = LICENSE_NAMES[kind]
     if base_model:
         front["base_model"] = base_model
     if samples and config.save_sample_prompt:

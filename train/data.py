@@ -3,9 +3,11 @@
 The VAE runs once per image here, never inside the training loop: each image's latent
 distribution (mean and std) is cached and a fresh latent is sampled from it at every step, as if
 the image had been encoded again. Prompts are tokenized once, padded to the tokenizer's full
-length; with the text encoder frozen their embeddings are cached too. CLIP's attention is causal,
-so the first L positions of a 77-token embedding equal the embedding of the prompt padded to L:
-slicing gives `pad_tokens=false` (pad to the longest prompt in the batch) for free.
+length (the family's, where it is not the tokenizer's: T5's); with the text encoder frozen
+their embeddings are cached too. CLIP's attention is causal, so the first L positions of a
+77-token embedding equal the embedding of the prompt padded to L: slicing gives
+`pad_tokens=false` (pad to the longest prompt in the batch) for free. A family whose encoder
+sees the pads (T5, joint attention: FIXED_LENGTH) always takes the full length.
 
 Prompts go through the family's own encode_text (train/families): SDXL has two tokenizers and
 text encoders, and its pooled projection (one vector per prompt, read at the end token, so
@@ -33,7 +35,7 @@ from .intake import Example
 @dataclass
 class TrainingData:
     """Cached tensors for instance ("inst") and class ("cls") examples, and the prompt table."""
-    inst_mean: list[torch.Tensor]  # per image [views, 4, h, w] latent distribution, scaled
+    inst_mean: list[torch.Tensor]  # per image [views, c, h, w] latent distribution, scaled
     inst_std: list[torch.Tensor]
     inst_time: list[torch.Tensor]  # per image [views, 6] SDXL time ids (see time_ids)
     inst_prompt: torch.Tensor    # [n_inst] index into the prompt table
@@ -41,11 +43,12 @@ class TrainingData:
     cls_std: list[torch.Tensor]
     cls_time: list[torch.Tensor]
     cls_prompt: torch.Tensor
-    prompt_ids: list[torch.Tensor]  # per tokenizer [n_prompts, 77] token ids, full length
+    prompt_ids: list[torch.Tensor]  # per tokenizer [n_prompts, length] token ids, full length
     prompt_len: torch.Tensor     # [n_prompts] tokens up to and including the end token
-    prompt_emb: torch.Tensor | None  # [n_prompts, 77, dim] when the text encoders are frozen
+    prompt_emb: torch.Tensor | None  # [n_prompts, tokens, dim] when the text encoders are frozen
     prompt_pooled: torch.Tensor | None  # SDXL, frozen: [n_prompts, dim] pooled projection
     pairs: list[tuple]           # one epoch of (instance index, class index or None)
+    fixed_length: bool           # the family's FIXED_LENGTH: prompts are never trimmed
     # prior_source base_model (train/prior.py): per instance image, the prompt-table indices of
     # its prior prompts; and the base text encoders' embeddings of every prompt, for the base
     # model's predictions (the same as prompt_emb/prompt_pooled when the text encoder is frozen)
@@ -101,8 +104,8 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 def encode_images(vae, examples: list[Example], resolution: int, center_crop: bool, seed: int,
                   flip: bool = False, buckets: list[tuple[int, int]] | None = None,
                   batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each image's latent mean and std (times the VAE's scaling factor), float32, on the VAE's
-    device: one [views, 4, h, w] tensor per image, view 0 as cropped, view 1 mirrored when
+    """Each image's latent mean and std (shifted and scaled: latent_scale), float32, on the
+    VAE's device: one [views, c, h, w] tensor per image, view 0 as cropped, view 1 mirrored when
     `flip`. With `buckets`, each image is cropped to the bucket nearest its aspect ratio, else
     to a square. Random crops are drawn once per image from `seed`."""
     rng = random.Random(seed)
@@ -113,7 +116,7 @@ def encode_images(vae, examples: list[Example], resolution: int, center_crop: bo
     by_shape: dict[tuple, list[int]] = {}
     for i, p in enumerate(pixels):
         by_shape.setdefault(tuple(p.shape), []).append(i)
-    factor = vae.config.scaling_factor
+    shift, factor = latent_scale(vae)
     for group in by_shape.values():  # one VAE batch holds images of one shape
         flat = [(i, v) for i in group for v in range(len(views[i]))]
         for start in range(0, len(flat), batch_size):
@@ -123,9 +126,15 @@ def encode_images(vae, examples: list[Example], resolution: int, center_crop: bo
             for (i, v), mean, std in zip(chunk, dist.mean.float(), dist.std.float()):
                 if v == 0:
                     means[i], stds[i] = [], []
-                means[i].append(mean * factor)
+                means[i].append((mean - shift) * factor)
                 stds[i].append(std * factor)
     return [torch.stack(m) for m in means], [torch.stack(s) for s in stds]
+
+
+def latent_scale(vae) -> tuple[float, float]:
+    """(shift, factor): the denoiser's latents are (VAE latent - shift) * factor. SD's VAEs have
+    no shift; SD 3.x's and FLUX's 16-channel ones do."""
+    return vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
 
 
 def target_sizes(examples: list[Example], resolution: int,
@@ -156,12 +165,15 @@ def time_ids(examples: list[Example], resolution: int, center_crop: bool, seed: 
     return out
 
 
-def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to the tokenizer's full length, and each prompt's unpadded length."""
-    ids = tokenizer(prompts, padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    lengths = [len(tokenizer(p, truncation=True,
-                             max_length=tokenizer.model_max_length).input_ids) for p in prompts]
+def tokenize(tokenizer, prompts: list[str],
+             max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to `max_length` (default: the tokenizer's model_max_length), and each
+    prompt's unpadded length."""
+    max_length = max_length or tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt").input_ids
+    lengths = [len(tokenizer(p, truncation=True, max_length=max_length).input_ids)
+               for p in prompts]
     return ids, torch.tensor(lengths)
 
 
@@ -177,7 +189,8 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
     prompts = sorted({ex.caption for ex in instance + classes}
                      | {p for kept in prior or [] for p in kept})
     index = {p: i for i, p in enumerate(prompts)}
-    tokenized = [tokenize(tokenizer, prompts) for tokenizer in tokenizers]
+    tokenized = [tokenize(tokenizer, prompts, family.TEXT_LENGTHS.get(name))
+                 for (_, name), tokenizer in zip(family.TEXT, tokenizers)]
     ids = [i.to(device) for i, _ in tokenized]
     # Slicing to the longer of the two lengths keeps each encoder's end token.
     lengths = torch.stack([n for _, n in tokenized]).amax(0)
@@ -203,6 +216,7 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
         cls_prompt=prompt_index(classes), prompt_ids=ids, prompt_len=lengths,
         prompt_emb=emb if cache_embeddings else None,
         prompt_pooled=pooled if cache_embeddings else None, pairs=epoch_pairs(instance, classes),
+        fixed_length=family.FIXED_LENGTH,
         prior_index=[torch.tensor([index[p] for p in kept]) for kept in prior] if prior else None,
         base_emb=emb if prior else None, base_pooled=pooled if prior else None)
 
@@ -223,7 +237,7 @@ class Batch:
     that noise is drawn for all of them alike); the prompts are this process's rows'."""
     groups: list[RowGroup]       # one, unless aspect buckets give instance and class rows
     prompts: torch.Tensor        # this process's rows' indices into the prompt table
-    length: int                  # tokens the prompts are padded to
+    length: int | None           # tokens the prompts are sliced to (None: all, as tokenized)
     n_instance: int              # this process's instance rows, which come first
     instance: torch.Tensor       # the global batch's instance images (indices), in row order
 
@@ -254,7 +268,7 @@ def draw_batch(data: TrainingData, pending: list, generator: torch.Generator, *,
              zip(cls.tolist(), views[len(inst):].tolist())]
     prompts = torch.cat([data.inst_prompt[inst], data.cls_prompt[cls]])
     # Without pad_tokens, prompts are padded only to the longest one in the (global) batch.
-    length = data.prompt_ids[0].shape[1] if pad_tokens else int(data.prompt_len[prompts].max())
+    length = None if pad_tokens or data.fixed_length else int(data.prompt_len[prompts].max())
     # One UNet batch per latent shape: one in all, unless aspect buckets differ.
     spans = ([range(len(rows))] if len({r[0].shape for r in rows}) == 1
              else [range(len(inst)), range(len(inst), len(rows))])

@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import families
-from .data import image_tensor, tokenize
+from .data import image_tensor, latent_scale, tokenize
 from .errors import UserError, exit_status
 from .intake import prompt_words, read_images, require_images
 from .metrics import (DEFAULT_CLIP, DEFAULT_DINO, FEATURE_BUILTINS, FeatureModels,
@@ -271,7 +271,7 @@ def evaluate_concepts(pipe, config, concepts, instance, features, probes, folder
     """Score the model as it is now, one report per concept, written into `folder` (or
     folder/evaluation/k with several concepts). Leaves the UNet and text encoders in eval mode:
     the next training segment puts them back in train mode."""
-    pipe.unet.eval()
+    families.denoiser(pipe).eval()
     reports = []
     for k, concept in enumerate(concepts):
         where = folder if len(concepts) == 1 else folder / "evaluation" / str(k)
@@ -386,15 +386,17 @@ def denoising_proxies(pipe, probe: dict) -> dict:
     """The fidelity and drift proxies of `pipe` (the trained model) on a probe's inputs (see
     DEFINITIONS): for each, the trained and base model's denoising errors and their ratio;
     for drift also the change of the predictions themselves."""
-    noise_target = families.get(families.of(pipe)).noise_target
-    scheduler = _noise_scheduler(pipe)
+    family = families.get(families.of(pipe))
+    scheduler = family.training_scheduler(pipe.scheduler.config)
     out = {"timesteps": probe["timesteps"]}
     for name in ("fidelity", "drift"):
         if name not in probe:
             continue
         inputs = probe[name]
         pred = _predict(pipe, inputs)
-        target = noise_target(scheduler, inputs["latents"], inputs["noise"], inputs["t"]).float()
+        _, target = family.noisy_and_target(scheduler, inputs["latents"], inputs["noise"],
+                                            inputs["t"])
+        target = target.float()
         trained = float(((pred - target) ** 2).mean())
         base = float(((inputs["base"] - target) ** 2).mean())
         out[name] = {"prompt": inputs["prompt"], "images": inputs["images"],
@@ -409,16 +411,10 @@ def denoising_proxies(pipe, probe: dict) -> dict:
     return out
 
 
-def _noise_scheduler(pipe):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)  # training's noising and targets
-
-
 @torch.no_grad()
 def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
-    """[n, 4, h, w] float32 on the CPU: the VAE's mean latent of each image, centre-cropped to
-    `resolution`, times the VAE's scaling factor (as training caches them)."""
+    """[n, c, h, w] float32 on the CPU: the VAE's mean latent of each image, centre-cropped to
+    `resolution`, shifted and scaled as training caches them (data.latent_scale)."""
     vae = pipe.vae
     pixels = torch.stack([image_tensor(im.convert("RGB"), resolution, True, random.Random(0))
                           for im in images])
@@ -426,31 +422,33 @@ def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
     for start in range(0, len(pixels), 8):
         batch = pixels[start:start + 8].to(vae.device, vae.dtype)
         out.append(vae.encode(batch).latent_dist.mean.float().cpu())
-    return torch.cat(out) * vae.config.scaling_factor
+    shift, factor = latent_scale(vae)
+    return (torch.cat(out) - shift) * factor
 
 
 @torch.no_grad()
 def _predict(pipe, inputs: dict, batch_size: int = 8) -> torch.Tensor:
-    """The UNet's predictions (through the pipeline's own text encoders, the prompt padded to
-    77 tokens as the pipeline renders it) for a probe's inputs, float32 on the CPU."""
-    scheduler = _noise_scheduler(pipe)
+    """The denoiser's predictions (through the pipeline's own text encoders, the prompt padded
+    to its full length as the pipeline renders it) for a probe's inputs, float32 on the CPU."""
     family = families.get(families.of(pipe))
+    scheduler = family.training_scheduler(pipe.scheduler.config)
     encoders, tokenizers = families.text_encoders(pipe), families.tokenizers(pipe)
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
-    ids = [tokenize(tok, [inputs["prompt"]])[0].to(enc.device)
-           for tok, enc in zip(tokenizers, encoders)]
+    denoiser = families.denoiser(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
+    ids = [tokenize(tok, [inputs["prompt"]], family.TEXT_LENGTHS.get(name))[0].to(enc.device)
+           for (_, name), tok, enc in zip(family.TEXT, tokenizers, encoders)]
     states, pooled = family.encode_text(encoders, ids)
     preds = []
     for start in range(0, len(inputs["t"]), batch_size):
         part = slice(start, start + batch_size)
         x0, noise, t = inputs["latents"][part], inputs["noise"][part], inputs["t"][part]
-        noisy = scheduler.add_noise(x0, noise, t).to(device, dtype)
+        noisy, _ = family.noisy_and_target(scheduler, x0, noise, t)
+        noisy = noisy.to(device, dtype)
         n = len(t)
         side = x0.shape[-1] * pipe.vae_scale_factor  # an uncropped square image's time ids
         time_ids = (torch.tensor([[side, side, 0, 0, side, side]] * n, device=device, dtype=dtype)
                     if family.TIME_IDS else None)
-        out = family.denoise(unet, noisy, t.to(device), states.expand(n, -1, -1).to(dtype),
+        out = family.denoise(denoiser, noisy, t.to(device), states.expand(n, -1, -1).to(dtype),
                              None if pooled is None else pooled.expand(n, -1).to(dtype), time_ids)
         preds.append(out.float().cpu())
     return torch.cat(preds)

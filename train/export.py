@@ -47,10 +47,14 @@ def save_pipeline(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> Non
             # load; transformers 4 needs it. CLIPTextModelWithProjection (SDXL's text_encoder_2)
             # keeps `text_model.` in both, so only CLIPTextModel is rewritten.
             _prefix_keys(folder / name, "text_model.")
-        if hasattr(part, "backend_tokenizer"):
+        if type(part).__name__ == "CLIPTokenizer":
             # transformers 5 writes only tokenizer.json; transformers 4's CLIPTokenizer (the class
             # model_index.json names) reads only vocab.json and merges.txt.
             part.backend_tokenizer.model.save(str(folder / name))
+        if type(part).__name__ == "T5Tokenizer":
+            # transformers 4's T5Tokenizer is the SentencePiece one, which needs spiece.model;
+            # its T5TokenizerFast reads tokenizer.json, as 5's T5Tokenizer (the same class) does.
+            index[name] = [index[name][0], "T5TokenizerFast"]
         if type(part).__name__.endswith("ImageProcessorPil"):
             # Without torchvision transformers 5 substitutes CLIPImageProcessorPil, a class that
             # transformers 4 cannot import; CLIPImageProcessor loads in both.

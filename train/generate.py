@@ -71,7 +71,8 @@ class GenerateConfig:
               "own, COG_WEIGHTS); the CLI also takes its untarred folder")
     model: str = setting(
         "weights", "Base model a LoRA or a single file is loaded on: a diffusers folder or a "
-                   "built-in name (tiny, tiny-sd2, tiny-sdxl); Cog reads BASE_MODEL", cog=False)
+                   "built-in name (tiny, tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux); Cog reads "
+                   "BASE_MODEL", cog=False)
     output: str = setting("images", "Folder the PNG images are written to", cog=False)
 
     def __post_init__(self):
@@ -89,7 +90,7 @@ class GenerateConfig:
 
 def draw(pipe, config: GenerateConfig, log=print) -> list:
     """config.num_outputs images of the prompt (PIL), at the model's own size unless given."""
-    own = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    own = families.default_resolution(pipe)
     size = (config.width or own, config.height or own)
     seed = config.seed if config.seed is not None else secrets.randbelow(1 << 32)
     log(f"generating {config.num_outputs} image(s) of {size[0]}x{size[1]}, seed {seed}, "

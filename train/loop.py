@@ -1,7 +1,8 @@
 """The DreamBooth training loop: instance and class images in one batch, the loss split in two.
 
 Each step draws `train_batch_size` instance latents and as many class latents, noises them at
-random timesteps, and asks the UNet for the noise (or v: the family's objective); the loss is
+random timesteps, and asks the denoiser (a UNet, or a transformer) for what the family's
+objective names (the noise, v, or the flow's velocity); the loss is
 
     MSE(instance half) + prior_loss_weight * MSE(class half)
 
@@ -16,7 +17,7 @@ prior prompts, with the base model's prediction as its target.
 
 `recipe.run` calls `train` once per stretch between checkpoints, with the `Training` it
 prepared; each step's rows come from data.draw_batch, and the family (train/families) encodes
-the prompts and calls the UNet. Everything the loop draws
+the prompts and calls the denoiser. Everything the loop draws
 at random comes from the one seeded CPU generator in `LoopState`, so on a CPU the same seed gives
 bit-identical weights, and a run resumed from a checkpoint (which stores that state) ends
 exactly where an uninterrupted one does.
@@ -97,32 +98,34 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
 @dataclass
 class Training:
     """What the loop trains and with what: the models as accelerate prepared them, the
-    optimizer, the schedules, the trainable tensors by name, and the EMA of the UNet's."""
-    unet: object
+    optimizer, the schedules, the trainable tensors by name, and the EMA of the denoiser's."""
+    denoiser: object             # the UNet, or the transformer (families: DENOISER)
     text_encoders: list          # [text_encoder], or SDXL's two
     optimizer: object
     lr_scheduler: object
-    noise_scheduler: object      # DDPM with the base model's betas and prediction type
+    noise_scheduler: object      # the family's training_scheduler (DDPM, or the flow's table)
     params: list                 # every trainable parameter, for gradient clipping
     trainable: dict              # "unet.<name>" / "text_encoder.<name>" -> parameter
-    ema: dict | None             # UNet parameter name -> its moving average (use_ema)
+    ema: dict | None             # denoiser parameter name -> its moving average (use_ema)
     base_weights: dict | None    # the weights before training, for extract_lora
-    base_unet: object = None     # the frozen base UNet of a full fine-tune's base-model prior
+    base_denoiser: object = None  # the frozen base denoiser of a full fine-tune's base prior
+    denoiser_name: str = "unet"  # its pipeline attribute: the prefix of its trainable names
 
     @property
     def ema_names(self) -> list[str]:
-        return [n for n in self.trainable if n.startswith("unet.")]
+        return [n for n in self.trainable if n.startswith(self.denoiser_name + ".")]
 
 
 def train(accelerator, family, training: Training, data: TrainingData, state: LoopState,
           plan, config, until: int, log=print) -> LoopState:
     """Train from `state.step` to `until` optimizer steps (of `plan.steps` in the run).
-    `family` (a module of train/families) encodes the prompts and calls the UNet with its extra
-    conditioning. `config` (a TrainConfig) gives the per-step settings: batch size, pad_tokens,
-    flip_p, offset_noise, snr_gamma, max_grad_norm, text_encoder_steps, ema_decay. Raises
-    Diverged before an update that a non-finite loss or gradient would poison."""
+    `family` (a module of train/families) encodes the prompts and calls the denoiser with its
+    extra conditioning. `config` (a TrainConfig) gives the per-step settings: batch size,
+    pad_tokens, flip_p, offset_noise, snr_gamma, max_grad_norm, text_encoder_steps, ema_decay.
+    Raises Diverged before an update that a non-finite loss or gradient would poison."""
     device, generator = accelerator.device, state.generator
-    unet, text_encoders, scheduler = training.unet, training.text_encoders, training.noise_scheduler
+    denoiser, text_encoders = training.denoiser, training.text_encoders
+    scheduler = training.noise_scheduler
     optimizer = training.optimizer
     prior_loss_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
     base_prior = data.prior_index is not None
@@ -135,7 +138,7 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
     # So N processes take the steps one process would with N times the batch.
     world, rank = accelerator.num_processes, accelerator.process_index
     fp16_scaler = accelerator.scaler is not None  # it skips overflowed steps by itself
-    unet.train()
+    denoiser.train()
 
     sums, micro = torch.zeros(3), 0
     start = time.perf_counter() - state.elapsed
@@ -152,11 +155,11 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
         prompts, length = batch.prompts, batch.length
         if base_prior:  # each instance row's prior prompts, drawn for the global batch
             prior_rows, prior, length = prior_prompts(data, batch, generator, rank,
-                                                      config.pad_tokens, on_class_rows)
+                                                      on_class_rows)
             prompts = torch.cat([prompts, prior])
         prompts = prompts.to(device)
 
-        with accelerator.accumulate(unet, *text_encoders):
+        with accelerator.accumulate(denoiser, *text_encoders):
             if data.prompt_emb is not None:
                 states = data.prompt_emb[prompts, :length]
                 pooled = (data.prompt_pooled[prompts]
@@ -172,7 +175,8 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 # and in every process, for the whole global batch.
                 sample_noise = torch.randn(group.mean.shape, generator=generator)
                 noise = draw_noise(group.mean.shape, generator, config.offset_noise)
-                timesteps = family.draw_timesteps(scheduler, len(group.mean), generator)
+                timesteps = family.draw_timesteps(scheduler, len(group.mean), generator,
+                                                  size=tuple(group.mean.shape[-2:]))
                 mean, std, sample_noise, noise, timesteps = (
                     t[group.mine].to(device)
                     for t in (group.mean, group.std, sample_noise, noise, timesteps))
@@ -185,7 +189,7 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                     offset = batch.n_instance if on_class_rows and len(batch.groups) == 1 else 0
                     rows, kept = prior_rows.to(device) + offset, prompts[done + len(noisy):]
                     target = torch.cat([target, base_prediction(
-                        accelerator, family, unet, training.base_unet, noisy[rows],
+                        accelerator, family, denoiser, training.base_denoiser, noisy[rows],
                         timesteps[rows], data.base_emb[kept, :length],
                         None if data.base_pooled is None else data.base_pooled[kept],
                         None if time_ids is None else time_ids[rows])])
@@ -196,14 +200,13 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
                 targets.append(target)
                 part = slice(done, done + len(noisy))
                 done += len(noisy)
-                preds.append(family.denoise(unet, noisy, timesteps, states[part],
+                preds.append(family.denoise(denoiser, noisy, timesteps, states[part],
                                             None if pooled is None else pooled[part], time_ids))
                 all_t.append(timesteps)
             if len(batch.groups) == 1:  # the first n_instance local rows are instance images
                 n = batch.n_instance
                 preds, targets = [preds[0][:n], preds[0][n:]], [targets[0][:n], targets[0][n:]]
-            weights = (family.min_snr_weights(scheduler, torch.cat(all_t), config.snr_gamma)
-                       if config.snr_gamma > 0 else None)
+            weights = family.loss_weights(scheduler, torch.cat(all_t), config)
             loss, inst_loss, cls_loss = dreambooth_loss(
                 preds[0], targets[0], preds[1], targets[1], prior_loss_weight, weights,
                 contexts=len(prior_rows) if on_class_rows else 0,
@@ -248,14 +251,13 @@ def train(accelerator, family, training: Training, data: TrainingData, state: Lo
 
 
 def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: int,
-                  pad_tokens: bool, contexts_only: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  contexts_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """For the base-model prior, which of this process's pairs are denoised again and under
     which prompts (indices into the prompt table): every row under its photo's class caption
     (not with `contexts_only`, when the rows are class images), then, for a photo with
     prior_prompts, the row once more under one of them, drawn for the global batch. Rows count
-    from the first pair of the process's slice. Also the length the step's prompts are padded
-    to (the global batch's longest)."""
+    from the first pair of the process's slice. Also the length the step's prompts are sliced
+    to (the global batch's longest; None when they keep their full length)."""
     draws = torch.rand(len(batch.instance), generator=generator)
     own, context_rows, contexts = [], [], []
     for row, (i, u) in enumerate(zip(batch.instance.tolist(), draws.tolist())):
@@ -266,7 +268,7 @@ def prior_prompts(data: TrainingData, batch, generator: torch.Generator, rank: i
             contexts.append(int(choices[1 + int(u * (len(choices) - 1))]))
     if contexts_only:
         own = []
-    length = batch.length if pad_tokens or not own + contexts else max(
+    length = batch.length if batch.length is None or not own + contexts else max(
         batch.length, int(data.prompt_len[torch.tensor(own + contexts)].max()))
     n = batch.n_instance
     mine = [(row - rank * n, prompt) for row, prompt in zip(context_rows, contexts)

@@ -59,7 +59,16 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # The rest of the UNet's weights, for a LoCon-style extraction (3x3 convs, time embedding).
 UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
                        "downsamplers.0.conv", "upsamplers.0.conv")
-TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
+# A transformer's (SD 3.x, FLUX): in the double-stream blocks, the image and text streams'
+# attention and feed-forward; in FLUX's single-stream blocks, q/k/v and the MLP's input
+# (proj_mlp; their proj_out, which carries both attention and MLP out, stays frozen, as in
+# diffusers' FLUX trainer). diffusers' SD3 trainer adapts the attention only; the feed-forward
+# is kept for the reason given above.
+TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                       "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                       "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+TARGETS = {"unet": UNET_TARGETS, "transformer": TRANSFORMER_TARGETS,
+           "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "init_lora_weights", "rank_pattern",
                     "alpha_pattern")
 ADAPTER = "default"  # peft's adapter name; add_adapter without a name uses it
@@ -97,8 +106,10 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
+    family = families.get(families.of(pipe))
+    denoiser = family.DENOISER
     kwargs = {}
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in (denoiser, *families.text_names(pipe)):
         model = getattr(pipe, name, None)
         if model is not None and ADAPTER in (getattr(model, "peft_config", None) or {}):
             # peft's own key names (lora_A/lora_B), which diffusers loads as they are. Not
@@ -116,16 +127,18 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
             # older peft (what diffusers 0.35 users have) refuses to instantiate.
             config = model.peft_config[ADAPTER].to_dict()
             kwargs[f"{name}_lora_adapter_metadata"] = {k: config[k] for k in LORA_CONFIG_KEYS}
-    if "unet_lora_layers" not in kwargs:
-        raise ValueError("the pipeline's UNet has no LoRA adapter (see add_lora)")
+    if f"{denoiser}_lora_layers" not in kwargs:
+        raise ValueError(f"the pipeline's {denoiser} has no LoRA adapter (see add_lora)")
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
     written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
+    if family.KOHYA is None:  # no kohya layout for this family (yet)
+        return written
 
-    family = families.of(pipe)
+    kind = families.of(pipe)
     lora = {}
-    for name in ("unet", *families.text_names(pipe)):
-        lora |= kohya_state_dict(getattr(pipe, name), name, family)
-    config = pipe.unet.peft_config[ADAPTER]
+    for name in (denoiser, *families.text_names(pipe)):
+        lora |= kohya_state_dict(getattr(pipe, name), name, kind)
+    config = getattr(pipe, denoiser).peft_config[ADAPTER]
     save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe),
                config.r, config.lora_alpha,
                v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
@@ -311,7 +324,7 @@ def merge_lora(pipe) -> None:
     fp16 weights rounds the sum to fp16."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", *families.text_names(pipe)):
         model = getattr(pipe, name, None)
         if model is None:
             continue

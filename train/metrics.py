@@ -37,7 +37,7 @@ from PIL import Image
 
 from .config import DEFAULT_CLIP, DEFAULT_DINO
 from .errors import UserError
-from .models import build_tokenizer
+from .tokenizers import build_tokenizer
 
 FEATURE_BUILTINS = ["tiny", "random"]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

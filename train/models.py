@@ -7,8 +7,15 @@ Built-in names (no download, random weights fixed by a seed):
                linear projections in the UNet, SD 2.1's DDIM scheduler.
   tiny-sdxl    SDXL at toy widths: three UNet levels, two text encoders (CLIP-L and
                bigG-style with projection), text_time conditioning, SDXL's Euler scheduler.
+  tiny-sd3     SD 3.5 at toy widths: the MMDiT transformer with qk-norm, CLIP-L, bigG and T5
+               text encoders, the 16-channel VAE, the flow-matching scheduler shifted by 3.
+  tiny-flux    FLUX.1 [dev] at toy widths: double- and single-stream blocks, rotary positions,
+               the guidance embedding, CLIP-L pooled and T5, FLUX's VAE and dynamic shift.
   random-sd15  The full-size SD 1.5 architecture (860 M UNet, CLIP-L text encoder, full VAE).
                Speed and memory are those of the real model: for GPU benchmarks.
+  random-sd35-large, random-flux-dev
+               SD 3.5 Large (8.1 B) and FLUX.1 [dev] (11.9 B) at full size, T5-XXL included:
+               for GPU benchmarks and for counting FLOPs and memory on the meta device.
 
 Shipped pretrained (a diffusers folder in the project, made by its own script):
   toy          SD 1.x family at 64 px, pretrained on the toy world of shapes (toy/world.py)
@@ -21,8 +28,8 @@ A single-file `.safetensors` checkpoint loads with diffusers' `from_single_file`
 configs and tokenizers from `config_folder`, a diffusers folder of the same family (in production
 the `weights/` folder that script/download-weights fills).
 
-All use a small offline CLIP-style BPE tokenizer (byte-level alphabet plus whole-word merges
-for common prompt words); it is the only part diffusers would otherwise download.
+All use small offline tokenizers (train/tokenizers.py): the only part diffusers would
+otherwise download. Each family builds its own built-ins (train/families: build).
 """
 
 from __future__ import annotations
@@ -40,20 +47,17 @@ from .families import BUILTINS, FAMILY_NAMES, PIPELINES
 from .intake import input_path
 from .single_file import checkpoint_family
 
-TOKENIZER_WORDS = (
-    "a an the photo picture image of in on at with and wearing sks zwx ohwx person man woman "
-    "dog cat toy bag backpack can clock bowl shoe glasses plushie vase sneaker teapot boot car "
-    "red green blue yellow white black beach snow city forest background style painting").split()
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # The lab's pretrained toy model lives beside the package, in the checkout (not in the Cog image).
 SHIPPED = {"toy": Path(__file__).resolve().parent.parent / "toy" / "model"}
 
 
 def load_pipeline(model: str, device: torch.device | str, config_folder: str | None = None,
-                  what: str = "model"):
-    """A StableDiffusionPipeline or StableDiffusionXLPipeline in fp32 on `device`, safety checker
-    off, from local files only. `config_folder` is needed (and only used) for a single file;
-    `what` is the input that named the model, for the errors."""
+                  what: str = "model", dtype: torch.dtype = torch.float32):
+    """The pipeline of any family (train/families) on `device`, safety checker off, from local
+    files only: its weights in `dtype` (fp32 by default), the VAE's always in fp32.
+    `config_folder` is needed (and only used) for a single file; `what` is the input that named
+    the model, for the errors."""
     import diffusers
 
     model = str(SHIPPED.get(model, model))
@@ -63,7 +67,7 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
     else:
         family = families.get(kind)
         cls = getattr(diffusers, family.PIPELINE)
-        options = dict(dtype=torch.float32, local_files_only=True, **family.LOAD_OPTIONS)
+        options = dict(dtype=dtype, local_files_only=True, **family.LOAD_OPTIONS)
         try:
             if Path(model).is_dir():
                 pipe = cls.from_pretrained(model, **options)
@@ -87,6 +91,9 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
     if missing:
         raise UserError(f"{named(model, what)} has no {', '.join(missing)}: pass a complete "
                         f"diffusers folder (as save_pretrained writes it)")
+    if model in BUILTINS and dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.vae.to(dtype=torch.float32)  # it encodes each image once; SDXL's overflows in fp16
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -170,7 +177,7 @@ def _folder_family(path: Path, what: str) -> str:
         raise UserError(f"{what} {str(path)!r}: its model_index.json names no pipeline "
                         f"(_class_name): pass a diffusers folder as save_pretrained writes it")
     if kind not in PIPELINES:
-        raise UserError(f"{what} {str(path)!r} is a {kind}; only Stable Diffusion 1.x/2.x/XL "
+        raise UserError(f"{what} {str(path)!r} is a {kind}; only Stable Diffusion 1.x/2.x/XL/3.x "
                         f"({', '.join(sorted(PIPELINES))}) models are supported")
     text = _read_json(path / "text_encoder" / "config.json", what)
     unet = _read_json(path / "unet" / "config.json", what)
@@ -207,54 +214,7 @@ def _file_family(path: Path, name: str) -> str:
 
 def build_builtin(name: str, device: torch.device | str = "cpu"):
     """Build a built-in model (see families.BUILTINS) in code, with weights fixed by seed 0."""
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    kind, unet_cfg, vae_cfg, *text_cfgs = BUILTINS[name]
-    family = families.get(kind)
-    # OpenCLIP's tokenizer (SD 2.x, SDXL's second) pads with "!", CLIP-L's with its end token.
-    tokenizers = [build_tokenizer("!" if cfg["hidden_act"] == "gelu" else "<|endoftext|>")
-                  for cfg in text_cfgs]
-    text_cfgs = [dict({"vocab_size": len(tok)}, **cfg, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-                 for cfg, tok in zip(text_cfgs, tokenizers)]
+    kind, *configs = BUILTINS[name]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        # SDXL's second encoder is the one with a projection (its pooled output conditions too).
-        encoders = [cls(CLIPTextConfig(**cfg)) for cls, cfg in
-                    zip((CLIPTextModel, CLIPTextModelWithProjection), text_cfgs)]
-    scheduler_class, scheduler_cfg = family.SCHEDULERS[kind]
-    scheduler = getattr(diffusers, scheduler_class)(**scheduler_cfg)
-    return family.assemble(vae, unet, encoders, tokenizers, scheduler)
-
-
-def build_tokenizer(pad_token: str = "<|endoftext|>", words=TOKENIZER_WORDS):
-    """A CLIPTokenizer built offline: CLIP's byte alphabet, each byte also as a word end
-    (`x</w>`), and merges that make each of `words` one token. Any text tokenizes."""
-    from transformers import CLIPTokenizer
-
-    alphabet = _byte_alphabet()
-    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + "</w>" for ch in alphabet])}
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b if b in printable else next(extra)) for b in range(256)]
+        return families.get(kind).build(kind, *configs)

@@ -1,7 +1,7 @@
 """What trains and how: the trainable parameters (every weight, or LoRA adapters), AdamW and the
 learning-rate schedule.
 
-    unet_params, text_params = mark_trainable(pipe.unet, {"text_encoder": te}, config)
+    unet_params, text_params = mark_trainable(pipe.unet, "unet", {"text_encoder": te}, config)
     optimizer = make_optimizer(config, unet_params, text_params, lr=1e-6, text_lr=1e-6)
 """
 
@@ -13,12 +13,13 @@ from .errors import UserError
 from .lora import add_lora
 
 
-def mark_trainable(unet, text_encoders: dict, config) -> tuple[list, list]:
-    """Mark what trains and return (UNet parameters, text-encoder parameters) to optimize.
+def mark_trainable(unet, kind: str, text_encoders: dict, config) -> tuple[list, list]:
+    """Mark what trains and return (denoiser parameters, text-encoder parameters) to optimize.
+    `unet` is the family's denoiser (a UNet or a transformer), `kind` its pipeline attribute;
     `text_encoders` by pipeline attribute: text_encoder, and SDXL's text_encoder_2."""
     train_text = text_encoders if config.train_text_encoder else {}
     if config.use_lora:
-        unet_params = add_lora(unet, config.lora_rank, config.lora_alpha, "unet")
+        unet_params = add_lora(unet, config.lora_rank, config.lora_alpha, kind)
         text_params = [p for kind, model in train_text.items()
                        for p in add_lora(model, config.lora_rank, config.lora_alpha, kind)]
         return unet_params, text_params
@@ -50,9 +51,10 @@ def lr_schedule(config, schedule: str, steps: int, optimizer):
                          power=config.lr_power)
 
 
-def base_weights(pipe, text_names: list[str], config) -> dict:
-    """CPU copies of the weights before training, for extract_lora, by pipeline attribute."""
-    parts = ["unet"] + (text_names if config.train_text_encoder else [])
+def base_weights(pipe, names: list[str], config) -> dict:
+    """CPU copies of the weights before training, for extract_lora, by pipeline attribute:
+    `names` are the denoiser's and the text encoders' (these only if they train)."""
+    parts = names[:1] + (names[1:] if config.train_text_encoder else [])
     return {name: {k: v.detach().to("cpu", torch.float32, copy=True)
                    for k, v in getattr(pipe, name).state_dict().items()} for name in parts}
 

@@ -13,7 +13,7 @@ class beside the photos. Three sources of that prior, chosen by TrainConfig.prio
   predict there what the base model predicts (`base_prediction`). The target is the base
   model's function itself, not a sample of it: at those points the model is held to what it
   drew before. With LoRA the base model is the same network with the adapters switched off; a full
-  fine-tune keeps a frozen copy of the UNet (`frozen_copy`, in the mixed precision on a GPU),
+  fine-tune keeps a frozen copy of the denoiser (`frozen_copy`, in the mixed precision on a GPU),
   and the base text encoders' embeddings of the prior prompts are computed once before
   training (train/data.py).
 - class_images+base_model: class images of the bare class prompt, and each step every class
@@ -81,23 +81,24 @@ def class_image_prompts(concept: Concept, count: int, contexts: bool = True) -> 
                                             for j in range(count - half)]
 
 
-def frozen_copy(unet, dtype: torch.dtype):
-    """The base UNet, frozen, for a full fine-tune's base-model prior: in `dtype` (the mixed
+def frozen_copy(denoiser, dtype: torch.dtype):
+    """The base denoiser, frozen, for a full fine-tune's base-model prior: in `dtype` (the mixed
     precision on a GPU: 1.7 GB for SD 1.5's UNet, 5.1 GB for SDXL's)."""
-    base = copy.deepcopy(unet).requires_grad_(False).eval()
+    base = copy.deepcopy(denoiser).requires_grad_(False).eval()
     return base.to(dtype)
 
 
-def base_prediction(accelerator, family, unet, base_unet, noisy, timesteps, states, pooled,
-                    time_ids) -> torch.Tensor:
-    """The base model's prediction, without gradients: from `base_unet` (a full fine-tune's
-    frozen copy) or, with LoRA, from `unet` with its adapters switched off for the call."""
+def base_prediction(accelerator, family, denoiser, base_denoiser, noisy, timesteps, states,
+                    pooled, time_ids) -> torch.Tensor:
+    """The base model's prediction, without gradients: from `base_denoiser` (a full
+    fine-tune's frozen copy) or, with LoRA, from `denoiser` with its adapters switched off."""
     with torch.no_grad(), accelerator.autocast():
-        if base_unet is not None:
-            return family.denoise(base_unet, noisy, timesteps, states, pooled, time_ids).float()
-        unet = accelerator.unwrap_model(unet)
-        unet.disable_adapters()
+        if base_denoiser is not None:
+            return family.denoise(base_denoiser, noisy, timesteps, states, pooled,
+                                  time_ids).float()
+        denoiser = accelerator.unwrap_model(denoiser)
+        denoiser.disable_adapters()
         try:
-            return family.denoise(unet, noisy, timesteps, states, pooled, time_ids).float()
+            return family.denoise(denoiser, noisy, timesteps, states, pooled, time_ids).float()
         finally:
-            unet.enable_adapters()
+            denoiser.enable_adapters()

@@ -155,7 +155,8 @@ def take_in(config: TrainConfig, world: int) -> Intake:
                                                    [c.folder for c in concepts], limits)
     if config.use_8bit_adam:
         bitsandbytes_adamw()
-    check_model(*config.model_source())  # a model that cannot load is refused here, in ms
+    # A model that cannot load is refused here, in ms; then what its family cannot take.
+    families.check_settings(config, check_model(*config.model_source()))
     if config.evaluate:
         check_feature_models(config.eval_dino, config.eval_clip)
     if config.resume or config.checkpointing_steps:
@@ -195,7 +196,8 @@ class Model:
 
 
 def load(config: TrainConfig, work: Path | None, log) -> Model:
-    """Seed, choose the precision, start accelerate and load the base model (fp32)."""
+    """Seed, choose the precision, start accelerate and load the base model: in fp32, but for a
+    LoRA in the mixed precision (its base never changes; the adapters train in fp32)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     quiet_libraries(config.verbose, loading=True)  # diffusers' loading bars, before it loads
@@ -216,10 +218,16 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
                                   find_unused_parameters=unused)])
     mode = "fp32" if precision == "no" else f"{precision} mixed precision"
     source, model_config, what = config.model_source()
-    log(f"model: loading {source} on {accelerator.device} ({mode})")
-    pipe = load_pipeline(source, accelerator.device, model_config, what)
-    resumed = checkpoint.materialize(config.resume, work, config) if config.resume else None
-    return Model(pipe, family, accelerator, precision, resumed)
+    # A frozen base in half precision halves its memory: FLUX.1's transformer is 22 GiB in bf16.
+    half = config.use_lora and precision != "no"
+    log(f"model: loading {source} on {accelerator.device} ({mode}"
+        + (f", the frozen base in {precision})" if half else ")"))
+    model = Model(None, family, accelerator, precision, None)
+    model.pipe = load_pipeline(source, accelerator.device, model_config, what,
+                               dtype=model.dtype if half else torch.float32)
+    model.resumed = (checkpoint.materialize(config.resume, work, config) if config.resume
+                     else None)
+    return model
 
 
 def top_up_class_images(config: TrainConfig, intake: Intake, model: Model, log) -> list[Example]:
@@ -310,38 +318,43 @@ def prior_prompt_lists(config: TrainConfig, intake: Intake) -> list[list[str]] |
 def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     """Mark what trains (every weight, or LoRA adapters), build the optimizer and schedules,
     and hand the models to accelerate."""
-    from diffusers import DDPMScheduler
-
-    pipe, accelerator = model.pipe, model.accelerator
+    pipe, accelerator, family = model.pipe, model.accelerator, model.family
     text_names = families.text_names(pipe)
-    unet, text_encoders = pipe.unet, families.text_encoders(pipe)
-    before = base_weights(pipe, text_names, config) if config.extract_lora else None
-    # A full fine-tune's base-model prior needs the UNet as it was; a LoRA's is the same UNet
-    # with its adapters off.
-    base_unet = (frozen_copy(unet, model.dtype) if config.base_model_prior()
-                 and not config.use_lora else None)
-    unet_params, text_params = mark_trainable(unet, dict(zip(text_names, text_encoders)), config)
+    name, denoiser = family.DENOISER, families.denoiser(pipe)
+    text_encoders = families.text_encoders(pipe)
+    before = (base_weights(pipe, [name, *text_names], config) if config.extract_lora
+              else None)
+    # A full fine-tune's base-model prior needs the denoiser as it was; a LoRA's is the same
+    # network with its adapters off.
+    base_denoiser = (frozen_copy(denoiser, model.dtype) if config.base_model_prior()
+                     and not config.use_lora else None)
+    # The text encoders that may train (not T5: FROZEN_TEXT), by pipeline attribute.
+    trained = {n: e for n, e in zip(text_names, text_encoders) if n not in family.FROZEN_TEXT}
+    unet_params, text_params = mark_trainable(denoiser, name, trained, config)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            for text_encoder in text_encoders:
+            for text_encoder in trained.values():
                 text_encoder.activation_checkpointing_enable()  # transformers 5 name
     optimizer = make_optimizer(config, unet_params, text_params, plan.learning_rate,
                                plan.text_encoder_lr)
     lr_scheduler = lr_schedule(config, plan.lr_scheduler, plan.steps, optimizer)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = family.training_scheduler(pipe.scheduler.config)
     if config.train_text_encoder:
-        unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
+        denoiser, *prepared, optimizer = accelerator.prepare(denoiser, *trained.values(),
+                                                             optimizer)
+        trained = dict(zip(trained, prepared))
+        text_encoders = [trained.get(n, e) for n, e in zip(text_names, text_encoders)]
     else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     trainable = {f"{part}.{n}": p
-                 for part, module in zip(["unet", *text_names], [unet, *text_encoders])
+                 for part, module in zip([name, *text_names], [denoiser, *text_encoders])
                  for n, p in accelerator.unwrap_model(module).named_parameters()
                  if p.requires_grad}
-    ema = ({n: p.detach().float().clone() for n, p in trainable.items() if n.startswith("unet.")}
-           if config.use_ema else None)
-    return Training(unet, text_encoders, optimizer, lr_scheduler, noise_scheduler,
-                    unet_params + text_params, trainable, ema, before, base_unet)
+    ema = ({n: p.detach().float().clone() for n, p in trainable.items()
+            if n.startswith(name + ".")} if config.use_ema else None)
+    return Training(denoiser, text_encoders, optimizer, lr_scheduler, noise_scheduler,
+                    unet_params + text_params, trainable, ema, before, base_denoiser, name)
 
 
 def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, model: Model,
@@ -381,8 +394,9 @@ def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, mode
     try:
         while state.step < plan.steps:
             until = min([plan.steps] + [(state.step // n + 1) * n for n in every])
-            state = train(model.accelerator, model.family, training, data, state, plan, config,
-                          until, log)
+            with text_encoders_parked(model, frozen=data.prompt_emb is not None):
+                state = train(model.accelerator, model.family, training, data, state, plan,
+                              config, until, log)
             if out and config.sample_every and state.step % config.sample_every == 0 \
                     and state.step < plan.steps:
                 with model.half():
@@ -397,6 +411,26 @@ def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, mode
                 f"learning rate" if kept else "")
         raise Diverged(f"{e}{hint}") from None
     return state, scored
+
+
+@contextlib.contextmanager
+def text_encoders_parked(model: Model, frozen: bool):
+    """While the denoiser trains, frozen text encoders (their embeddings cached) wait in CPU
+    memory on a GPU machine: SD 3.5's and FLUX's T5-XXL is 9 GiB in bf16. They come back for
+    samples, evaluation and the export."""
+    encoders = families.text_encoders(model.pipe)
+    device = model.accelerator.device
+    if not frozen or device.type != "cuda":
+        yield
+        return
+    for encoder in encoders:
+        encoder.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.to(device)
 
 
 def save_checkpoint(config, plan, intake, model, training, state, scored, baseline, ckpt_root,
@@ -431,7 +465,7 @@ def finish_training(model: Model, training: Training) -> list[str]:
     that every process ended with the same weights, and free the optimizer; returns each
     process's weight fingerprint."""
     pipe, accelerator = model.pipe, model.accelerator
-    pipe.unet = accelerator.unwrap_model(training.unet).eval()
+    setattr(pipe, training.denoiser_name, accelerator.unwrap_model(training.denoiser).eval())
     for name, text_encoder in zip(families.text_names(pipe), training.text_encoders):
         setattr(pipe, name, accelerator.unwrap_model(text_encoder).eval())
     if training.ema is not None:  # export the average, not the last step's weights
@@ -444,7 +478,7 @@ def finish_training(model: Model, training: Training) -> list[str]:
         raise RuntimeError(f"the {len(agreed)} training processes ended with different weights "
                            f"({agreed}): a bug, please report it")
     training.optimizer = training.lr_scheduler = training.trainable = training.ema = None
-    training.unet = training.text_encoders = training.base_unet = None
+    training.denoiser = training.text_encoders = training.base_denoiser = None
     accelerator.free_memory()
     return agreed
 

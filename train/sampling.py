@@ -28,8 +28,10 @@ SAMPLERS = {
 
 
 def sampler(pipe, name: str):
-    """The scheduler a class_scheduler name means for this pipeline ("base": its own)."""
-    if name == "base":
+    """The scheduler a class_scheduler name means for this pipeline ("base": its own). A
+    flow-matching model (SD 3.x) samples with its own flow sampler whatever the name: these
+    are samplers of DDPM's noise schedule."""
+    if name == "base" or "FlowMatch" in type(pipe.scheduler).__name__:
         return pipe.scheduler
     import diffusers
 

@@ -1,34 +1,42 @@
-"""Model families: everything that differs between Stable Diffusion 1.x/2.x and SDXL, one module
-each, behind the few functions the recipe, the loop, the data and the evaluation call.
+"""Model families: everything that differs between Stable Diffusion 1.x/2.x, SDXL, SD 3.x and
+FLUX.1, one module each, behind the few functions the recipe, the loop, the data and the
+evaluation call.
 
     from train import families
-    kind = families.of(pipe)                  # "sd1", "sd2" or "sdxl"
-    fam = families.get(kind)                  # the family's module: sd or sdxl
+    kind = families.of(pipe)                  # "sd1", "sd2", "sdxl", "sd3" or "flux"
+    fam = families.get(kind)                  # the family's module: sd, sdxl, sd3 or flux
     states, pooled = fam.encode_text(families.text_encoders(pipe), ids)
-    prediction = fam.denoise(pipe.unet, noisy, timesteps, states, pooled, time_ids)
+    prediction = fam.denoise(families.denoiser(pipe), noisy, timesteps, states, pooled, time_ids)
 
 What a family module provides (see sd.py, the smallest):
 
     KINDS            the family names it serves, e.g. ("sd1", "sd2")
     PIPELINE         the diffusers pipeline class name its folders declare in model_index.json
+    DENOISER         the pipeline attribute of the network that trains: "unet" or "transformer"
     TEXT             (text encoder, tokenizer) pipeline attribute pairs, in conditioning order
+    TEXT_LENGTHS     tokens each tokenizer pads to, where not its model_max_length (T5's)
+    FIXED_LENGTH     whether prompts must be encoded at their full padded length (a T5 or joint
+                     attention sees the pads: trimming them changes every state)
+    FROZEN_TEXT      text encoders that never train (T5)
+    SIDE_MULTIPLE    what image sides must be a multiple of (8: the VAE; 16 with 2x2 patches)
     encode_text(text_encoders, ids) -> (hidden states, pooled embedding or None)
                      the denoiser's text conditioning from token ids (one tensor per encoder)
     denoise(unet, noisy, timesteps, states, pooled, time_ids) -> the denoiser's prediction
                      the one denoiser call, with whatever extra conditioning the family takes
-    draw_timesteps(scheduler, n, generator), noisy_and_target(scheduler, latents, noise, t),
-    noise_target(...), min_snr_weights(scheduler, t, gamma)
-                     the training objective (ddpm.py: SD's and SDXL's)
+    training_scheduler(config), draw_timesteps(scheduler, n, generator, size),
+    noisy_and_target(scheduler, latents, noise, t), loss_weights(scheduler, t, config)
+                     the training objective (ddpm.py: SD's and SDXL's; flow.py: SD 3.x's and FLUX's)
     TIME_IDS         whether the denoiser takes each image's size and crop (time_ids)
     UNUSED_TEXT_PARAMETERS  whether a trained text encoder has parameters that get no gradient
                      (DDP must be told to expect them)
     LOAD_OPTIONS     options for loading its pipelines (from_pretrained, from_single_file)
-    BUILTINS         built-in models: name -> (kind, UNet config, VAE config, text configs...)
+    BUILTINS         built-in models: name -> (kind, denoiser config, VAE config, text configs...)
     SCHEDULERS       kind -> (diffusers scheduler class, config) as its reference model ships it
-    assemble(vae, unet, text_encoders, tokenizers, scheduler) -> a built-in's pipeline
+    build(kind, *configs) -> a built-in's pipeline, from a BUILTINS entry
     SINGLE_FILE_TEXT kind -> the text encoders' places in a single-file checkpoint
     KOHYA            kohya's LoRA naming: model version per kind, name prefix per part, and
-                     whether UNet names follow diffusers' module paths or the original's
+                     whether UNet names follow diffusers' module paths or the original's (None:
+                     no kohya layout)
 
 Adding a family means a module here and an entry in FAMILIES; single_file.py and lora.py hold
 the SD-style key conversions these tables drive.
@@ -38,19 +46,22 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import sd, sdxl
+from ..errors import UserError
+from . import flux, sd, sd3, sdxl
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-FAMILIES = {kind: module for module in (sd, sdxl) for kind in module.KINDS}
-PIPELINES = {sd.PIPELINE, sdxl.PIPELINE}
-# Built-in models by name: (family, UNet config, VAE config, text encoder config, ...).
-BUILTINS = {**sd.BUILTINS, **sdxl.BUILTINS}
+MODULES = (sd, sdxl, sd3, flux)
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.x",
+                "flux": "FLUX.1"}
+FAMILIES = {kind: module for module in MODULES for kind in module.KINDS}
+PIPELINES = {module.PIPELINE for module in MODULES}
+# Built-in models by name: (family, denoiser config, VAE config, text encoder config, ...).
+BUILTINS = {name: entry for module in MODULES for name, entry in module.BUILTINS.items()}
 # Where each kind's text encoders sit in a single-file checkpoint (single_file.py).
 SINGLE_FILE_TEXT = {**sd.SINGLE_FILE_TEXT, **sdxl.SINGLE_FILE_TEXT}
 
 
 def get(kind: str) -> ModuleType:
-    """The module of family `kind` ("sd1", "sd2", "sdxl")."""
+    """The module of family `kind` ("sd1", "sd2", "sdxl", "sd3", "flux")."""
     return FAMILIES[kind]
 
 
@@ -60,15 +71,28 @@ def detect(pipeline: str, text_act: str | None, linear_projection: bool | None) 
     # SD 2.x replaced CLIP-L (quick_gelu) by OpenCLIP-H (gelu) and the UNet's 1x1-conv attention
     # projections by linear ones; no SD 1.x model has either, so either one marks SD 2.x. The
     # text encoder also decides the single-file layout (CLIP or OpenCLIP keys).
-    if pipeline == sdxl.PIPELINE:
-        return "sdxl"
+    for module in (sdxl, sd3, flux):  # one kind per pipeline class
+        if pipeline == module.PIPELINE:
+            return module.KINDS[0]
     return "sd2" if text_act == "gelu" or linear_projection else "sd1"
 
 
 def of(pipe) -> str:
     """The family of a loaded pipeline."""
+    unet = getattr(pipe, "unet", None)
     return detect(type(pipe).__name__, pipe.text_encoder.config.hidden_act,
-                  pipe.unet.config.use_linear_projection)
+                  unet.config.use_linear_projection if unet is not None else None)
+
+
+def denoiser(pipe):
+    """The pipeline's network that trains: its UNet, or its transformer."""
+    return getattr(pipe, get(of(pipe)).DENOISER)
+
+
+def default_resolution(pipe) -> int:
+    """The image side a pipeline draws at by default (its denoiser's sample size in pixels)."""
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    return size * pipe.vae_scale_factor
 
 
 def text_names(pipe) -> list[str]:
@@ -82,3 +106,24 @@ def text_encoders(pipe) -> list:
 
 def tokenizers(pipe) -> list:
     return [getattr(pipe, tokenizer) for _, tokenizer in get(of(pipe)).TEXT]
+
+
+def check_settings(config, kind: str) -> None:
+    """Refuse the settings (a TrainConfig) family `kind` cannot take, before its model loads."""
+    family, name = get(kind), FAMILY_NAMES[kind]
+    side = family.SIDE_MULTIPLE
+    if config.resolution % side:
+        raise UserError(f"{name} needs a resolution that is a multiple of {side} (got "
+                        f"{config.resolution}); try {config.resolution // side * side}")
+    if family.DENOISER == "unet":
+        return
+    # The flow-matching families: what their objective or the exporters do not have yet.
+    if config.snr_gamma > 0:
+        raise UserError(f"snr_gamma (min-SNR weighting) is a DDPM weighting; {name} is "
+                        f"trained by flow matching: set snr_gamma to 0")
+    if config.extract_lora:
+        raise UserError(f"extract_lora is not available for {name} yet: train with use_lora "
+                        f"instead, or set extract_lora to 0")
+    if "single_file" in config.formats():
+        raise UserError(f"output_format single_file is not available for {name} yet: use "
+                        f"diffusers or lora")

@@ -1,6 +1,7 @@
 """The DDPM training objective SD 1.x/2.x and SDXL share: timesteps drawn uniformly, noise added
-by the scheduler, and the target its prediction_type names (the noise, or v). A family trained
-otherwise (flow matching) provides these three functions itself.
+by the scheduler, and the target its prediction_type names (the noise, or v), optionally
+weighted by min-SNR. A family trained otherwise (flow.py: rectified flow) provides these
+functions itself.
 """
 
 from __future__ import annotations
@@ -8,8 +9,22 @@ from __future__ import annotations
 import torch
 
 
-def draw_timesteps(scheduler, n: int, generator: torch.Generator) -> torch.Tensor:
-    """`n` training timesteps, uniform over the scheduler's, from the seeded CPU generator."""
+def training_scheduler(config):
+    """DDPM with the base model's betas and prediction type, whichever sampler it ships."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)
+
+
+def loss_weights(scheduler, timesteps: torch.Tensor, config) -> torch.Tensor | None:
+    """Per-row loss weights: min-SNR-gamma with snr_gamma > 0 (TrainConfig), else None."""
+    return min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma > 0 \
+        else None
+
+
+def draw_timesteps(scheduler, n: int, generator: torch.Generator, size=None) -> torch.Tensor:
+    """`n` training timesteps, uniform over the scheduler's, from the seeded CPU generator
+    (whatever the latents' `size`)."""
     return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
 
 

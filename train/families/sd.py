@@ -5,14 +5,22 @@ predicts v, its text encoder uses gelu), which the model's own configs carry.
 
 from __future__ import annotations
 
+from ..tokenizers import build_tokenizer
+
 # The training objective: DDPM, as every SD model was trained (re-exported for the loop).
-from .ddpm import draw_timesteps, min_snr_weights, noise_target, noisy_and_target  # noqa: F401
+from .ddpm import (draw_timesteps, loss_weights, noisy_and_target,  # noqa: F401
+                   training_scheduler)
 
 KINDS = ("sd1", "sd2")
 PIPELINE = "StableDiffusionPipeline"
 # Options for from_pretrained / from_single_file: no safety checker, and none required.
 LOAD_OPTIONS = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+DENOISER = "unet"
 TEXT = (("text_encoder", "tokenizer"),)
+TEXT_LENGTHS: dict = {}  # CLIP's 77 (model_max_length)
+FIXED_LENGTH = False  # CLIP is causal: pads trimmed from the end change no state
+FROZEN_TEXT = ()  # every text encoder may train
+SIDE_MULTIPLE = 8  # the VAE's downscaling
 TIME_IDS = False
 UNUSED_TEXT_PARAMETERS = False
 # In a single-file checkpoint (the original repositories' layout): the text encoder's pipeline
@@ -38,16 +46,39 @@ def denoise(unet, noisy, timesteps, states, pooled=None, time_ids=None):
     return unet(noisy, timesteps, states, added_cond_kwargs=None).sample
 
 
-def assemble(vae, unet, text_encoders: list, tokenizers: list, scheduler):
-    """The pipeline of a built-in model, from its parts."""
-    from diffusers import StableDiffusionPipeline
+def build(kind: str, unet_config: dict, vae_config: dict, text_config: dict):
+    """A built-in model's pipeline (BUILTINS), its weights drawn from the current seed."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
+    # In this order: the seed's draws give the weights every earlier release built.
+    unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+    text_encoder, tokenizer = clip_model(CLIPTextModel, text_config)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
-        scheduler=scheduler, **LOAD_OPTIONS)
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=make_scheduler(SCHEDULERS[kind]), **LOAD_OPTIONS)
 
 
-# The built-in models' (UNet, VAE, CLIP text) configs; models.build_builtin builds them. `tiny`
+def clip_model(cls, config: dict):
+    """A CLIP text encoder of class `cls` from `config`, and its offline tokenizer (OpenCLIP's,
+    the gelu ones, pads with "!", CLIP-L's with its end token)."""
+    from transformers import CLIPTextConfig
+
+    tokenizer = build_tokenizer("!" if config["hidden_act"] == "gelu" else "<|endoftext|>")
+    config = dict({"vocab_size": len(tokenizer)}, **config, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return cls(CLIPTextConfig(**config)), tokenizer
+
+
+def make_scheduler(spec: tuple[str, dict]):
+    """A scheduler from a SCHEDULERS entry: (diffusers class name, config)."""
+    import diffusers
+
+    name, config = spec
+    return getattr(diffusers, name)(**config)
+
+
+# The built-in models' (UNet, VAE, CLIP text) configs; `build` builds them. `tiny`
 # keeps SD 1.5's four down and four up blocks and two layers per block so that exporters keyed
 # on that layout can be tested on it. `tiny-sd2` and `tiny-sdxl` (sdxl.py) keep their real
 # model's structure (blocks, heads per block, projections, conditioning) at widths of 32-64, and

@@ -9,14 +9,20 @@ from __future__ import annotations
 import torch
 
 # The training objective: DDPM, as every SD model was trained (re-exported for the loop).
-from .ddpm import draw_timesteps, min_snr_weights, noise_target, noisy_and_target  # noqa: F401
+from .ddpm import (draw_timesteps, loss_weights, noisy_and_target,  # noqa: F401
+                   training_scheduler)
 
-from .sd import SCALED_LINEAR, TINY_CLIP, TINY_VAE
+from .sd import SCALED_LINEAR, TINY_CLIP, TINY_VAE, clip_model, make_scheduler
 
 KINDS = ("sdxl",)
 PIPELINE = "StableDiffusionXLPipeline"
 LOAD_OPTIONS: dict = {}  # SDXL has no safety checker; naming one there only draws a warning
+DENOISER = "unet"
 TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+TEXT_LENGTHS: dict = {}  # CLIP's 77 (model_max_length)
+FIXED_LENGTH = False  # CLIP is causal: pads trimmed from the end change no state
+FROZEN_TEXT = ()  # every text encoder may train
+SIDE_MULTIPLE = 8  # the VAE's downscaling
 TIME_IDS = True
 # The UNet reads the first encoder's penultimate layer: its last layer gets no gradient.
 UNUSED_TEXT_PARAMETERS = True
@@ -47,13 +53,18 @@ def denoise(unet, noisy, timesteps, states, pooled, time_ids):
     return unet(noisy, timesteps, states, added_cond_kwargs=added).sample
 
 
-def assemble(vae, unet, text_encoders: list, tokenizers: list, scheduler):
-    """The pipeline of a built-in model, from its parts."""
-    from diffusers import StableDiffusionXLPipeline
+def build(kind: str, unet_config: dict, vae_config: dict, clip_l: dict, clip_g: dict):
+    """A built-in model's pipeline (BUILTINS), its weights drawn from the current seed."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+    # The second encoder has a projection: its pooled output conditions the UNet too.
+    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = (
+        clip_model(CLIPTextModel, clip_l), clip_model(CLIPTextModelWithProjection, clip_g))
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=make_scheduler(SCHEDULERS[kind]))
 
 
 # SDXL: a level without attention, then two with 2 transformer layers (real: 2 and 10); the UNet

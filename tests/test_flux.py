@@ -1,0 +1,245 @@
+"""FLUX.1 [dev] through the whole recipe, on the built-in tiny-flux at 64 px: packed latents and
+their positions, the text conditioning and the transformer call (with the guidance input) are
+FluxPipeline's own; the training timesteps are shifted by the image's size as the sampler
+shifts them; a training step is the flow-matching loss; full fine-tuning and LoRA reload in
+FluxPipeline and draw; a resume is bit-identical.
+
+    .venv/bin/python -m pytest tests/test_flux.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import FAST, assert_close, probe, same_weights, train_tiny
+from train import TrainConfig, run
+from train.data import draw_batch, prepare, tokenize
+from train.errors import UserError
+from train.families import flow, flux
+from train.intake import Example
+from train.models import build_builtin, check_model
+
+FLUX = dict(FAST, model="tiny-flux", save_precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_builtin("tiny-flux")
+
+
+def load(folder):
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_latents_are_packed_and_placed_as_the_pipeline_does():
+    latents = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(0))
+    packed = flux.pack(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    assert packed.shape == (2, 4 * 6, 64)
+    # token (row 1, column 2) holds channel 3's 2x2 patch at rows 2-3, columns 4-5
+    assert torch.equal(packed[0, 1 * 6 + 2, 3 * 4:3 * 4 + 4], latents[0, 3, 2:4, 4:6].flatten())
+    assert torch.equal(flux.unpack(packed, 8, 12), latents)
+    ids = flux.image_ids(8, 12, "cpu", torch.float32)
+    assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+    assert ids[1 * 6 + 2].tolist() == [0, 1, 2]
+
+
+@torch.no_grad()
+def test_cached_text_conditioning_is_the_pipelines(base):
+    image = Image.new("RGB", (64, 64))
+    photos = [Example(f"{i}.png", caption, (64, 64), image)
+              for i, caption in enumerate(["a photo of sks ball", "a ball on the beach"])]
+    data = prepare(flux, base.vae, [base.text_encoder, base.text_encoder_2],
+                   [base.tokenizer, base.tokenizer_2], photos, [], 64, center_crop=True,
+                   cache_embeddings=True, seed=0)
+    assert [ids.shape[1] for ids in data.prompt_ids] == [77, 512]  # T5 at the pipeline's 512
+    for p, caption in enumerate(sorted(ex.caption for ex in photos)):
+        states, pooled, _ = base.encode_prompt(caption, caption)
+        assert states.shape == (1, 512, 128) and pooled.shape == (1, 32)
+        # Encoded in a batch of two here, of one there: equal to float rounding.
+        assert_close((data.prompt_emb[p:p + 1], data.prompt_pooled[p:p + 1]), (states, pooled),
+                     tol=1e-6)
+    assert draw_batch(data, [], torch.Generator().manual_seed(0), batch_size=2).length is None
+
+
+@torch.no_grad()
+def test_denoise_is_the_pipelines_transformer_call_at_guidance_1(base):
+    calls = []
+    hook = base.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True)
+    try:  # a non-square image: rows and columns must not be swapped anywhere
+        base("a photo of a ball", num_inference_steps=2, guidance_scale=flux.GUIDANCE,
+             height=64, width=96, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    kwargs, want = calls[-1]
+    assert kwargs["guidance"].tolist() == [1.0]
+    ids = [tokenize(tok, ["a photo of a ball"], flux.TEXT_LENGTHS.get(name))[0]
+           for (_, name), tok in zip(flux.TEXT, [base.tokenizer, base.tokenizer_2])]
+    states, pooled = flux.encode_text([base.text_encoder, base.text_encoder_2], ids)
+    noisy = flux.unpack(kwargs["hidden_states"], 8, 12)
+    got = flux.denoise(base.transformer, noisy, kwargs["timestep"] * 1000, states, pooled)
+    assert torch.equal(flux.pack(got), want)
+
+
+def test_timesteps_are_shifted_by_the_image_size_as_the_sampler_shifts_them(base):
+    config = base.scheduler.config
+    for tokens in (16, 256, 1024, 4096):  # 64 px, 256, 512, 1024 px
+        assert flow.resolution_shift(config, tokens) == pytest.approx(calculate_shift(
+            tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+            config.max_shift))
+    # The sampler's own shift of a grid of sigmas, at 1024 px
+    sampler = copy.deepcopy(base.scheduler)
+    grid = torch.linspace(1.0, 0.05, 20)
+    mu = flow.resolution_shift(config, 4096)
+    sampler.set_timesteps(sigmas=grid.tolist(), mu=mu)
+    assert_close(sampler.sigmas[:-1], flow.time_shift(grid, mu))
+    # Drawn logit-normally, then shifted: the median moves toward noise with the size.
+    scheduler = flux.training_scheduler(config)
+    medians = [float((flux.draw_timesteps(scheduler, 4000, torch.Generator().manual_seed(0),
+                                          size=(side, side)) / 1000).median())
+               for side in (32, 64, 128)]
+    assert 0.55 < medians[0] < medians[1] < medians[2] < 0.8, medians
+    plain = torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(0)))
+    assert_close(flux.draw_timesteps(scheduler, 4000, torch.Generator().manual_seed(0),
+                                     size=(128, 128)) / 1000, flow.time_shift(plain, 1.15))
+
+
+def test_a_training_step_is_the_flow_matching_loss(base):
+    # One step of the loop itself (lr 0: nothing moves), and its loss computed here by hand.
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from train.loop import LoopState, Training, train
+
+    pipe = copy.deepcopy(base)
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    data = prepare(flux, pipe.vae, encoders, [pipe.tokenizer, pipe.tokenizer_2],
+                   [Example("a.png", "a photo of sks ball", (64, 64), image)], [], 64,
+                   center_crop=True, cache_embeddings=True, seed=0)
+    scheduler = flux.training_scheduler(pipe.scheduler.config)
+    optimizer = torch.optim.SGD(pipe.transformer.parameters(), lr=0.0)
+    training = Training(pipe.transformer, encoders, optimizer,
+                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                        scheduler, list(pipe.transformer.parameters()), {}, None, None,
+                        denoiser_name="transformer")
+    config = TrainConfig(instance_data="x", instance_prompt="a photo of sks ball",
+                         with_prior_preservation=False, train_batch_size=1)
+    state = train(Accelerator(cpu=True), flux, training, data, LoopState.start(7),
+                  SimpleNamespace(steps=1, log_every=1), config, until=1, log=lambda line: None)
+
+    generator = torch.Generator().manual_seed(7)  # the loop's draws, replayed
+    draw_batch(data, [], generator, batch_size=1)
+    sample_noise = torch.randn(data.inst_mean[0].shape, generator=generator)
+    noise = torch.randn(data.inst_mean[0].shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(1, generator=generator))
+    mu = calculate_shift(4 * 4)  # 8x8 latents: 16 tokens
+    sigma = torch.e ** mu / (torch.e ** mu + 1 / sigma - 1)
+    latents = data.inst_mean[0] + data.inst_std[0] * sample_noise
+    noisy = (1 - sigma) * latents + sigma * noise
+    with torch.no_grad():
+        pred = flux.denoise(pipe.transformer, noisy, sigma * 1000, data.prompt_emb,
+                            data.prompt_pooled)
+    want = float(((pred - (noise - latents)) ** 2).mean())
+    assert state.history[0]["instance_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos, base):
+    out, _ = train_tiny(tmp_path, photos, "full", **dict(
+        FLUX, learning_rate=1e-3, train_text_encoder=True, save_sample_prompt="a photo of sks ball",
+        n_save_sample=1, save_infer_steps=2))
+    trained = load(out)
+    assert not same_weights(trained.transformer, base.transformer)
+    assert not same_weights(trained.text_encoder, base.text_encoder)
+    assert same_weights(trained.text_encoder_2, base.text_encoder_2)
+    assert same_weights(trained.vae, base.vae)
+    record = json.loads((out / "training.json").read_text())
+    assert record["family"] == "flux" and len(record["history"]) == 4
+    assert len(record["dataset"]["class"]["used"]) == 2
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert check_model(str(out)) == "flux"  # the folder is a base model the trainer takes
+    assert index["tokenizer_2"] == ["transformers", "T5TokenizerFast"]
+    image = trained("a photo of sks ball", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    (sample,) = (out / "samples").glob("*.png")
+    assert Image.open(sample).size == (64, 64)
+
+
+def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
+    settings = dict(FLUX, use_lora=True, lora_rank=4, learning_rate=1e-3, train_text_encoder=True,
+                    output_format="diffusers,lora", aspect_buckets=True,
+                    prior_source="class_images+base_model", prior_prompts="a ball in the snow")
+    out, _ = train_tiny(tmp_path, photos, "lora", **settings)
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    names = {k.split(".lora_")[0] for k in lora}
+    assert {"transformer.transformer_blocks.0.attn.to_q",
+            "transformer.transformer_blocks.0.ff_context.net.2",
+            "transformer.single_transformer_blocks.1.attn.to_v",
+            "transformer.single_transformer_blocks.1.proj_mlp"} <= names
+    assert any(k.startswith("text_encoder.") for k in lora)
+    assert not any(k.startswith("text_encoder_2.") for k in lora)
+    trained = probe(load(out))  # the folder holds the adapters merged
+    before = probe(base)
+    for i in (1, 2):  # CLIP-L's pooled output, and the transformer
+        assert (trained[i] - before[i]).abs().max() > 1e-3, i
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(out / "lora"))
+    assert_close(probe(pipe), trained)
+
+
+def test_resume_is_bit_identical(tmp_path, photos):
+    settings = dict(FLUX, use_ema=True, offset_noise=0.1, flip_p=0.5,
+                    gradient_checkpointing=True, prior_source="base_model",
+                    prior_prompts="a ball in the snow")
+    whole, _ = train_tiny(tmp_path, photos, "whole", **settings, checkpointing_steps=2)
+    resumed, lines = train_tiny(tmp_path, photos, "resumed", **settings,
+                                resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
+    assert any("from step 2" in line for line in lines)
+    path = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(whole / path), load_file(resumed / path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_what_flux_cannot_take_is_refused_before_loading(tmp_path, photos):
+    config = TrainConfig(**dict(FLUX, instance_data=str(photos), output=str(tmp_path / "o.tar"),
+                                instance_prompt="a photo of sks ball",
+                                class_prompt="a photo of a ball", resolution=72))
+    with pytest.raises(UserError, match="FLUX.1 needs a resolution that is a multiple of 16"):
+        run(config, log=lambda line: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_lora_on_a_gpu_keeps_its_base_in_bf16_and_t5_off_the_gpu_while_training(tmp_path,
+                                                                                    photos):
+    from train.recipe import load, text_encoders_parked
+
+    settings = dict(FLUX, use_lora=True, mixed_precision="bf16", gradient_checkpointing=True,
+                    save_sample_prompt="a photo of sks ball", n_save_sample=1, save_infer_steps=2)
+    config = TrainConfig(**dict(settings, instance_data=str(photos), output="x.tar",
+                                instance_prompt="a photo of sks ball"))
+    model = load(config, None, log=lambda line: None)
+    assert model.pipe.transformer.dtype == torch.bfloat16
+    assert model.pipe.vae.dtype == torch.float32
+    with text_encoders_parked(model, frozen=True):
+        assert model.pipe.text_encoder_2.device.type == "cpu"
+    assert model.pipe.text_encoder_2.device.type == "cuda"
+    out, _ = train_tiny(tmp_path, photos, "gpu", **settings)
+    record = json.loads((out / "training.json").read_text())
+    assert record["mixed_precision"] == "bf16"
+    assert all(h["loss"] is not None for h in record["history"])
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
