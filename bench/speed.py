@@ -4,6 +4,7 @@ the CPU step table of `tiny`, intake, output formats, LoRA extraction.
     script/bench --list                   # the named scenarios
     script/bench --scenario tiny --json out.json   # one table (Markdown), and the rows as JSON
     script/bench --scenario sd15-bf16 --scenario sd15-fp16 ...   # on a GPU
+    python -m bench --predict       # FLUX.1 and SD 3.5 Large: FLOPs and memory, no GPU needed
     python -m bench                 # 4 tiny step scenarios, ~2 min on 2 cores; a table
     python -m bench --repeat 3      # each scenario 3 times: medians, and the spread
     python -m bench --intake        # intake of 50 twelve-megapixel JPEGs from a ZIP
@@ -39,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .predict import predict, step_flops
+
 SCENARIOS = [(64, False), (64, True), (128, False), (128, True)]
 
 # Named scenarios (`--scenario NAME`): TrainConfig settings over SCENARIO_BASE, and where they run.
@@ -67,6 +70,14 @@ NAMED = {
                                "sd15-bf16 with the text encoder trained"),
     "sd15-bf16-lora": ("cuda", dict(SD15_RUN, use_lora=True, learning_rate=1e-4),
                        "sd15-bf16, LoRA rank 16"),
+    # The large flow transformers: LoRA rank 16 in bf16, the frozen base in bf16, gradient
+    # checkpointing, embeddings cached and the text encoders parked (random weights, full size).
+    **{f"{name}-lora-{side}": ("cuda", dict(
+        model=f"random-{name}", resolution=side, num_class_images=8, train_text_encoder=False,
+        use_lora=True, learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True),
+        f"{about}, {side} px, LoRA rank 16 in bf16, gradient checkpointing")
+       for name, about in (("flux-dev", "FLUX.1 [dev] size"), ("sd35-large", "SD 3.5 Large size"))
+       for side in (512, 1024)},
     # The goal: a whole default run (800 steps, 200 class images) in under a minute.
     "sd15-default-run": ("cuda", dict(model="random-sd15", resolution=512, num_class_images=200,
                                       max_train_steps=800, learning_rate=None),
@@ -93,41 +104,6 @@ def scenario_config(name: str, tmp: Path, steps: int | None = None,
         settings["num_class_images"] = class_images
     photos = write_example_zip(tmp / "photos.zip", count=4, size=settings["resolution"])
     return TrainConfig(instance_data=str(photos), output=str(tmp / "out.tar"), **settings)
-
-
-def step_flops(config) -> int:
-    """FLOPs of one training step's model work: the UNet's forward and backward (and the text
-    encoder's when it trains), at the step's shapes, counted by torch's FlopCounterMode on the
-    meta device (shapes only: no memory, no arithmetic, any model size on any machine). Model
-    FLOPs: gradient checkpointing's recomputation is not counted. Built-in models only."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from train.models import build_builtin
-    from train.optim import mark_trainable
-
-    pipe = build_builtin(config.model, "meta")
-    unet, text_encoder = pipe.unet.train(), pipe.text_encoder
-    text_encoder.requires_grad_(False)
-    mark_trainable(unet, {"text_encoder": text_encoder}, config)  # the recipe's own choice
-    # A step's UNet batch: the instance images and as many class images; prompts padded to
-    # the longest (or to 77 with pad_tokens), as the loop does.
-    batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-    prompts = [config.instance_prompt, config.class_prompt or config.instance_prompt]
-    ids = pipe.tokenizer(prompts * config.train_batch_size,
-                         padding="max_length" if config.pad_tokens else "longest",
-                         return_tensors="pt").input_ids[:batch].to("meta")
-    side = config.resolution // 8
-    latents = torch.zeros(batch, unet.config.in_channels, side, side, device="meta")
-    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        if config.train_text_encoder:
-            states = text_encoder(ids)[0]
-        else:  # the step reads the cached embeddings: no text-encoder work
-            states = torch.zeros(*ids.shape, text_encoder.config.hidden_size, device="meta")
-        pred = unet(latents, timesteps, states).sample
-        torch.nn.functional.mse_loss(pred, latents).backward()
-    return counter.get_total_flops()
 
 
 def device_peak(name: str) -> float | None:
@@ -454,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per run (default 1: tiny ops gain nothing from a "
                              "second thread, and one thread leaves the timings far steadier)")
+    parser.add_argument("--predict", nargs="*", metavar="NAME",
+                        help="predict the FLOPs and GPU memory of a step on the meta device, for "
+                             "the named scenarios (default: the large-model ones); no GPU needed")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("RESOLUTION", "TRAIN_TEXT_ENCODER"),
                         help=argparse.SUPPRESS)  # a single scenario, run in a child process
@@ -469,6 +448,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         for name, (device, _, about) in NAMED.items():
             print(f"{name:24} {device:4}  {about}")
+        return
+    if args.predict is not None:
+        names = args.predict or [n for n in NAMED if n.startswith(("flux", "sd35"))]
+        rows = []
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(dict(scenario=name, **predict(scenario_config(name, Path(tmp)))))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         return
     if args.child:  # one named scenario, in a child process
         print(json.dumps(measure_scenario(args.child, args.steps, args.class_images)))
