@@ -212,7 +212,7 @@ class Predictor(BasePredictor):
             description="LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank"),
         output_format: str = Input(
             default="auto", choices=["auto", "diffusers", "single_file", "lora", "diffusers,single_file", "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"],
-            description="What to write: diffusers (a folder diffusers loads), single_file (one .safetensors that AUTOMATIC1111 and ComfyUI load), lora (LoRA files, in diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora"),
+            description="What to write: diffusers (a folder diffusers loads), single_file (one .safetensors that AUTOMATIC1111 and ComfyUI load; for SD 3.x and FLUX the transformer alone, in its original layout), lora (LoRA files, in diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora"),
         save_precision: str = Input(
             default="fp16", choices=["fp16", "bf16", "fp32"],
             description="Precision of the saved weights"),
@@ -409,7 +409,7 @@ class Predictor(BasePredictor):
             description="LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank"),
         output_format: str = Input(
             default="auto", choices=["auto", "diffusers", "single_file", "lora", "diffusers,single_file", "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"],
-            description="What to write: diffusers (a folder diffusers loads), single_file (one .safetensors that AUTOMATIC1111 and ComfyUI load), lora (LoRA files, in diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora"),
+            description="What to write: diffusers (a folder diffusers loads), single_file (one .safetensors that AUTOMATIC1111 and ComfyUI load; for SD 3.x and FLUX the transformer alone, in its original layout), lora (LoRA files, in diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora"),
         save_precision: str = Input(
             default="fp16", choices=["fp16", "bf16", "fp32"],
             description="Precision of the saved weights"),

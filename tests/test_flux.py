@@ -159,7 +159,7 @@ def test_a_training_step_is_the_flow_matching_loss(base):
 def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos, base):
     out, _ = train_tiny(tmp_path, photos, "full", **dict(
         FLUX, learning_rate=1e-3, train_text_encoder=True, save_sample_prompt="a photo of sks ball",
-        n_save_sample=1, save_infer_steps=2))
+        n_save_sample=1, save_infer_steps=2, output_format="diffusers,single_file"))
     trained = load(out)
     assert not same_weights(trained.transformer, base.transformer)
     assert not same_weights(trained.text_encoder, base.text_encoder)
@@ -177,6 +177,43 @@ def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos,
     assert image.size == (64, 64)
     (sample,) = (out / "samples").glob("*.png")
     assert Image.open(sample).size == (64, 64)
+    # The transformer alone in BFL's layout: q, k, v fused (and the single blocks' MLP input).
+    original = load_file(out / "transformer.safetensors")
+    tuned = trained.transformer.state_dict()
+    assert torch.equal(original["double_blocks.0.img_attn.qkv.weight"], torch.cat(
+        [tuned[f"transformer_blocks.0.attn.to_{q}.weight"] for q in "qkv"]))
+    assert torch.equal(original["single_blocks.1.linear1.bias"], torch.cat(
+        [tuned[f"single_transformer_blocks.1.attn.to_{q}.bias"] for q in "qkv"]
+        + [tuned["single_transformer_blocks.1.proj_mlp.bias"]]))
+    assert sum(t.numel() for t in original.values()) == sum(t.numel() for t in tuned.values())
+
+
+def test_diffusers_reads_the_transformer_file_back_exactly(tmp_path):
+    """diffusers' reader of BFL's layout splits a single block's linear1 at FLUX.1's own widths
+    (3072 x 3 + 12288), so the check runs at that width: one block of each kind, 531 M
+    parameters in bf16 (about 15 s)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from train.transformer_file import transformer_state_dict
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=64,
+            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():  # each tensor its own values, its halves apart (AdaLN's swap shows)
+        for k, p in enumerate(model.parameters()):
+            p.fill_(k + 1)
+            p[p.shape[0] // 2:] += 0.5
+    model.save_config(tmp_path / "transformer")
+    save_file({k: v.contiguous() for k, v in transformer_state_dict(model, "flux").items()},
+              tmp_path / "transformer.safetensors")
+    read = FluxTransformer2DModel.from_single_file(
+        str(tmp_path / "transformer.safetensors"), config=str(tmp_path),
+        subfolder="transformer", local_files_only=True, torch_dtype=torch.bfloat16)
+    assert same_weights(read, model)
 
 
 def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
@@ -198,6 +235,14 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
     pipe = copy.deepcopy(base)
     pipe.load_lora_weights(str(out / "lora"))
+    assert_close(probe(pipe), trained)
+    # For ComfyUI, which reads no alpha: the same names, the up matrices times alpha / r (16 at
+    # rank 4: 4), read back by diffusers too (as alpha = r).
+    comfy = load_file(out / "lora-comfyui.safetensors")
+    assert comfy.keys() == lora.keys()
+    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
     assert_close(probe(pipe), trained)
 
 
@@ -243,3 +288,32 @@ def test_a_lora_on_a_gpu_keeps_its_base_in_bf16_and_t5_off_the_gpu_while_trainin
     assert record["mixed_precision"] == "bf16"
     assert all(h["loss"] is not None for h in record["history"])
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_evaluation_scores_a_flux_run_and_its_probe_follows_the_flow(tmp_path, photos):
+    """The paper's evaluation and the denoising proxies on a FLUX run: the fidelity proxy is
+    the velocity error on the photos, which training lowers."""
+    out, _ = train_tiny(tmp_path, photos, "eval", **dict(
+        FLUX, learning_rate=1e-3, max_train_steps=8, evaluate=True, eval_dino="tiny",
+        eval_clip="tiny", eval_images_per_prompt=1, eval_prompts="a sks ball in the snow",
+        save_infer_steps=2))
+    report = json.loads((out / "evaluation.json").read_text())
+    assert {"dino", "clip_i", "clip_t"} <= set(report["metrics"])
+    fidelity = report["proxies"]["fidelity"]
+    assert 0 < fidelity["error_ratio"] < 1.0, fidelity
+    assert report["proxies"]["drift"]["prompt"] == "a photo of a ball"
+
+
+def test_the_generator_draws_with_a_flux_lora_at_sides_of_16(tmp_path, photos):
+    from train.generate import GenerateConfig
+    from train.generate import run as generate
+
+    train_tiny(tmp_path, photos, "lora", **dict(FLUX, use_lora=True, max_train_steps=2))
+    lines = []
+    written = generate(GenerateConfig(
+        weights=str(tmp_path / "lora.tar"), model="tiny-flux", prompt="a photo of sks ball",
+        width=72, height=64, num_inference_steps=2, num_outputs=1, seed=3,
+        output=str(tmp_path / "images")), log=lines.append)
+    with Image.open(written[0]) as image:
+        assert image.size == (64, 64)  # 72 is not a multiple of 16: rounded down
+    assert any("FlowMatchEulerDiscrete steps" in line for line in lines), lines

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import FAST, assert_close, probe, same_weights, train_tiny
@@ -37,6 +38,7 @@ def base():
 def full(tmp_path_factory, photos):
     """A full fine-tune of the transformer and both CLIPs, with class images and one sample."""
     settings = dict(SD3, learning_rate=1e-3, train_text_encoder=True,
+                    output_format="diffusers,single_file",
                     save_sample_prompt="a photo of sks ball", n_save_sample=1, save_infer_steps=2)
     out, _ = train_tiny(tmp_path_factory.mktemp("full"), photos, "full", **settings)
     return out
@@ -170,6 +172,20 @@ def test_full_fine_tune_trains_the_transformer_and_clips_not_t5(full, base):
     assert type(load_pipeline(str(full), "cpu")).__name__ == "StableDiffusion3Pipeline"
 
 
+def test_the_transformer_file_is_stabilitys_layout_and_diffusers_reads_it_back(full):
+    from diffusers import SD3Transformer2DModel
+
+    with safe_open(full / "transformer.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+            "model.diffusion_model.joint_blocks.1.context_block.adaLN_modulation.1.weight",
+            "model.diffusion_model.final_layer.linear.weight"} <= keys
+    read = SD3Transformer2DModel.from_single_file(
+        str(full / "transformer.safetensors"), config=str(full), subfolder="transformer",
+        local_files_only=True)
+    assert same_weights(read, load(full).transformer)
+
+
 def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     settings = dict(SD3, use_lora=True, lora_rank=4, learning_rate=1e-3, train_text_encoder=True,
                     output_format="diffusers,lora", prior_source="class_images+base_model",
@@ -191,6 +207,14 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     pipe = copy.deepcopy(base)
     pipe.load_lora_weights(str(out / "lora"))
     assert_close(probe(pipe), trained)
+    # For ComfyUI, which reads no alpha: the same names, the up matrices times alpha / r (16 at
+    # rank 4: 4), read back by diffusers too (as alpha = r).
+    comfy = load_file(out / "lora-comfyui.safetensors")
+    assert comfy.keys() == lora.keys()
+    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
+    assert_close(probe(pipe), trained)
 
 
 def test_resume_is_bit_identical(tmp_path, photos):
@@ -209,7 +233,6 @@ def test_resume_is_bit_identical(tmp_path, photos):
 @pytest.mark.parametrize("setting, message", [
     (dict(resolution=72), "SD 3.x needs a resolution that is a multiple of 16"),
     (dict(snr_gamma=5.0), "snr_gamma .* is a DDPM weighting"),
-    (dict(output_format="single_file"), "single_file is not available for SD 3.x"),
     (dict(extract_lora=8), "extract_lora is not available for SD 3.x"),
 ])
 def test_what_sd3_cannot_take_is_refused_before_loading(tmp_path, photos, setting, message):

@@ -28,12 +28,24 @@ USES = {
         [("AUTOMATIC1111 / Forge", "models/Stable-diffusion/"),
          ("ComfyUI", "models/checkpoints/ (Load Checkpoint)"),
          ("diffusers", 'StableDiffusionPipeline.from_single_file("model.safetensors")')]),
+    "transformer.safetensors": (
+        "the transformer alone, in its original key layout (Stability AI's for SD 3.5, Black "
+        "Forest Labs' for FLUX.1), to use with the base model's text encoders and VAE",
+        [("ComfyUI", "models/diffusion_models/ (Load Diffusion Model)"),
+         ("diffusers", 'SD3Transformer2DModel / FluxTransformer2DModel.from_single_file('
+                       '"transformer.safetensors", config=BASE_FOLDER, subfolder="transformer")')]),
     "lora.safetensors": (
         "LoRA in the kohya/webui layout",
         [("AUTOMATIC1111 / Forge", "models/Lora/, then <lora:lora:1> in the prompt"),
          ("ComfyUI", "models/loras/ (Load LoRA)"),
          ("diffusers", 'pipe.load_lora_weights("this folder", '
                        'weight_name="lora.safetensors")')]),
+    "lora-comfyui.safetensors": (
+        "LoRA (SD 3.x, FLUX.1) in diffusers' names, its scale folded into the weights, which "
+        "ComfyUI maps onto its own fused weights",
+        [("ComfyUI", "models/loras/ (Load LoRA)"),
+         ("diffusers", 'pipe.load_lora_weights("this folder", '
+                       'weight_name="lora-comfyui.safetensors")')]),
     "lora/pytorch_lora_weights.safetensors": (
         "LoRA in diffusers' own layout (not for ComfyUI or AUTOMATIC1111)",
         [("diffusers", 'pipe.load_lora_weights("this folder/lora")')]),

@@ -229,8 +229,9 @@ class TrainConfig:
     # --- Output -----------------------------------------------------------------------------
     output_format: str = setting(
         "auto", "What to write: diffusers (a folder diffusers loads), single_file (one "
-                ".safetensors that AUTOMATIC1111 and ComfyUI load), lora (LoRA files, in "
-                "diffusers' and the kohya/webui layout); auto = diffusers, or lora with use_lora",
+                ".safetensors that AUTOMATIC1111 and ComfyUI load; for SD 3.x and FLUX the "
+                "transformer alone, in its original layout), lora (LoRA files, in diffusers' "
+                "and the kohya/webui layout); auto = diffusers, or lora with use_lora",
         choices=OUTPUT_FORMATS)
     save_precision: str = setting("fp16", "Precision of the saved weights",
                                   choices=SAVE_PRECISIONS)

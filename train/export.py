@@ -3,7 +3,8 @@
 The tarball holds at its top level a diffusers pipeline folder (`model_index.json`, `unet/`,
 `text_encoder/`, `vae/`, `tokenizer/`, `scheduler/`) that `DiffusionPipeline.from_pretrained`
 loads offline, `training.json`, and `samples/` when sample images were asked for; the other
-formats (`output_format`: one single-file checkpoint, LoRA files) beside it: `export_formats`.
+formats (`output_format`: one single-file checkpoint, or for SD 3.x and FLUX the transformer in
+its original layout; LoRA files) beside it: `export_formats`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import families, lora
 from .cleanup import remove
 from .single_file import save_single_file
+from .transformer_file import save_transformer_file
 
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pillow",
             "pillow-heif", "bitsandbytes", "cog")
@@ -147,8 +149,12 @@ def export_formats(pipe, config, out: Path, base_weights: dict | None) -> list[s
     if config.use_lora and {"diffusers", "single_file"} & set(formats):
         lora.merge_lora(pipe)  # full weights with the adapters folded in
     if "single_file" in formats:
-        save_single_file(pipe, out / "model.safetensors", dtype)
-        written.append("model.safetensors")
+        if families.get(families.of(pipe)).DENOISER == "transformer":  # SD 3.x, FLUX
+            save_transformer_file(pipe, out / "transformer.safetensors", dtype)
+            written.append("transformer.safetensors")
+        else:
+            save_single_file(pipe, out / "model.safetensors", dtype)
+            written.append("model.safetensors")
     if "diffusers" in formats:
         save_pipeline(pipe, out, dtype)
         written.append("model_index.json")

@@ -124,6 +124,3 @@ def check_settings(config, kind: str) -> None:
     if config.extract_lora:
         raise UserError(f"extract_lora is not available for {name} yet: train with use_lora "
                         f"instead, or set extract_lora to 0")
-    if "single_file" in config.formats():
-        raise UserError(f"output_format single_file is not available for {name} yet: use "
-                        f"diffusers or lora")
