@@ -91,14 +91,20 @@ class GenerateConfig:
 def draw(pipe, config: GenerateConfig, log=print) -> list:
     """config.num_outputs images of the prompt (PIL), at the model's own size unless given."""
     own = families.default_resolution(pipe)
-    size = (config.width or own, config.height or own)
+    # SD 3.x and FLUX take sides in multiples of 16 (2x2 patches of latents).
+    side = families.get(families.of(pipe)).SIDE_MULTIPLE
+    size = tuple((n or own) // side * side for n in (config.width, config.height))
     seed = config.seed if config.seed is not None else secrets.randbelow(1 << 32)
+    scheduler = sampler(pipe, SCHEDULERS[config.scheduler])
+    # A flow-matching model draws with its own sampler whatever the setting (sampling.py).
+    name = (config.scheduler if scheduler is not pipe.scheduler
+            else type(scheduler).__name__.removesuffix("Scheduler"))
     log(f"generating {config.num_outputs} image(s) of {size[0]}x{size[1]}, seed {seed}, "
-        f"{config.num_inference_steps} {config.scheduler} steps")
+        f"{config.num_inference_steps} {name} steps")
     return generate(pipe, config.prompt, config.num_outputs, batch_size=config.num_outputs,
                     steps=config.num_inference_steps, guidance=config.guidance_scale, seed=seed,
                     resolution=size, negative_prompt=config.negative_prompt, label="images",
-                    scheduler=sampler(pipe, SCHEDULERS[config.scheduler]), log=log)
+                    scheduler=scheduler, log=log)
 
 
 def key_of(url: str | None, path: Path | None) -> str:

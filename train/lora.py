@@ -102,6 +102,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
                    survives); read by pipe.load_lora_weights(folder / "lora").
       "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111 and ComfyUI read (for
                    SDXL with kohya's SDXL names: see kohya_names).
+      "comfyui":   (SD 3.x, FLUX, instead of "kohya") folder/lora-comfyui.safetensors:
+                   diffusers' names, the alpha / r scale folded in (save_scaled).
     Returns {layout: path} for the files written. The models must be unwrapped from accelerate."""
     from peft.utils import get_peft_model_state_dict
 
@@ -131,7 +133,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
         raise ValueError(f"the pipeline's {denoiser} has no LoRA adapter (see add_lora)")
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
     written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
-    if family.KOHYA is None:  # no kohya layout for this family (yet)
+    if family.KOHYA is None:  # SD 3.x, FLUX: ComfyUI reads diffusers' names, given alphas
+        written["comfyui"] = save_scaled(kwargs, folder / "lora-comfyui.safetensors")
         return written
 
     kind = families.of(pipe)
@@ -144,6 +147,23 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
                v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
     written["kohya"] = folder / "lora.safetensors"
     return written
+
+
+def save_scaled(kwargs: dict, path: Path) -> Path:
+    """The LoRA of save_lora_weights' `kwargs` as one file of diffusers' key names, each up
+    matrix (lora_B) times lora_alpha / r, so that a reader applying B @ A at scale 1 applies
+    the trained change. ComfyUI maps SD 3.x's and FLUX's diffusers names onto its own fused
+    weights (q, k, v and the MLP input each onto its rows) but reads no metadata, and scales by
+    1 without `.alpha` tensors, which diffusers' SD 3 reader refuses; diffusers reads this file
+    as alpha = r, scale 1, too (`load_lora_weights(folder, weight_name=...)`)."""
+    tensors = {}
+    for name in [k.removesuffix("_lora_layers") for k in kwargs if k.endswith("_lora_layers")]:
+        config = kwargs[f"{name}_lora_adapter_metadata"]
+        scale = float(config["lora_alpha"]) / config["r"]
+        tensors |= {f"{name}.{k}": (v * scale if ".lora_B." in k else v).contiguous()
+                    for k, v in kwargs[f"{name}_lora_layers"].items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
 
 
 def kohya_version(pipe) -> str:
