@@ -252,6 +252,9 @@ class Predictor(BasePredictor):
         context_loss_weight: float = Input(
             default=0.5, ge=0.0, le=1000.0,
             description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),
+        quantize_base: str = Input(
+            default="no", choices=["no", "nf4"],
+            description="With use_lora: hold the frozen denoiser's block weights in 4 bits (nf4, bitsandbytes; QLoRA), a quarter of bf16's memory: FLUX.1's 22 GiB become about 6.6, for 24 GB cards. Writes the LoRA only (output_format lora)"),
         # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
@@ -449,6 +452,9 @@ class Predictor(BasePredictor):
         context_loss_weight: float = Input(
             default=0.5, ge=0.0, le=1000.0,
             description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),
+        quantize_base: str = Input(
+            default="no", choices=["no", "nf4"],
+            description="With use_lora: hold the frozen denoiser's block weights in 4 bits (nf4, bitsandbytes; QLoRA), a quarter of bf16's memory: FLUX.1's 22 GiB become about 6.6, for 24 GB cards. Writes the LoRA only (output_format lora)"),
         # End of what script/schema writes.
     ) -> TrainingOutput:
         """The same training through Cog's training API (`train:` in generate.yaml): Replicate

@@ -7,8 +7,8 @@ and the GPU memory it holds (weights, gradients, optimizer state, activations).
 
 FLOPs are the denoiser's forward and backward (and the text encoders' when they train), counted
 by torch's FlopCounterMode; gradient checkpointing's recomputation is not counted. Memory:
-- weights: the denoiser in the precision it is held in (a LoRA's frozen base in bf16, a full
-  fine-tune's fp32 master weights), the VAE in fp32 and the text encoders that stay on the GPU
+- weights: the denoiser in the precision it is held in (a LoRA's frozen base in bf16, or its
+  blocks' Linear layers in NF4 with quantize_base; a full fine-tune's fp32 master weights), the VAE in fp32 and the text encoders that stay on the GPU
   (frozen ones are parked in CPU memory while the denoiser trains: train/recipe.py);
 - gradients and AdamW's two moments in fp32 for every trainable parameter (8-bit AdamW: one
   byte a moment);
@@ -126,7 +126,14 @@ def step_memory(config) -> dict:
     n_train = sum(p.numel() for p in trainable)
     frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
     gib = 2 ** 30
-    weights = (frozen * (2 if lora_base else 4) + n_train * 4) / gib
+    # quantize_base: the blocks' Linear weights in NF4, 0.5 byte plus a 4-byte scale per 64.
+    linears = {id(m): m for blocks in denoiser.modules()  # ModuleLists nest: each layer once
+               if isinstance(blocks, torch.nn.ModuleList) for m in blocks.modules()
+               if type(m) is torch.nn.Linear and not m.weight.requires_grad}
+    quantized = sum(m.weight.numel() for m in linears.values()) \
+        if config.quantize_base != "no" else 0
+    weights = ((frozen - quantized) * (2 if lora_base else 4) + quantized * (0.5 + 4 / 64)
+               + n_train * 4) / gib
     # Text encoders that train run every step, and so do the frozen ones beside them (nothing
     # is cached); all frozen, they wait in CPU memory while the denoiser trains.
     text_gib = sum(p.numel() * (4 if p.requires_grad or not lora_base else 2)

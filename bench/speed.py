@@ -78,6 +78,10 @@ NAMED = {
         f"{about}, {side} px, LoRA rank 16 in bf16, gradient checkpointing")
        for name, about in (("flux-dev", "FLUX.1 [dev] size"), ("sd35-large", "SD 3.5 Large size"))
        for side in (512, 1024)},
+    "flux-dev-qlora-1024": ("cuda", dict(
+        model="random-flux-dev", resolution=1024, num_class_images=8, train_text_encoder=False,
+        use_lora=True, learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True,
+        quantize_base="nf4"), "flux-dev-lora-1024 with the base's blocks in NF4 (24 GB cards)"),
     # The goal: a whole default run (800 steps, 200 class images) in under a minute.
     "sd15-default-run": ("cuda", dict(model="random-sd15", resolution=512, num_class_images=200,
                                       max_train_steps=800, learning_rate=None),

@@ -210,6 +210,10 @@ def test_predicted_memory_follows_what_trains_and_how(tmp_path):
         assert lora["weights"] < 0.6 * full["weights"]
         assert lora["optimizer"] < full["optimizer"] and full["text_encoders"] == 0
         assert 0 < checkpointed["activations"] < lora["activations"]
+        quantized = step_memory(base.__class__(**dict(
+            base.to_dict(), model=model, use_lora=True, lora_rank=2, mixed_precision="bf16",
+            quantize_base="nf4")))
+        assert quantized["weights"] < 0.6 * lora["weights"]
         parts = ("weights", "text_encoders", "vae", "gradients", "optimizer", "activations")
         assert full["total"] == pytest.approx(sum(full[p] for p in parts))
     row = predict(base.__class__(**dict(base.to_dict(), model="tiny-flux")))

@@ -317,3 +317,34 @@ def test_the_generator_draws_with_a_flux_lora_at_sides_of_16(tmp_path, photos):
     with Image.open(written[0]) as image:
         assert image.size == (64, 64)  # 72 is not a multiple of 16: rounded down
     assert any("FlowMatchEulerDiscrete steps" in line for line in lines), lines
+
+
+def test_a_4bit_base_holds_the_blocks_in_a_quarter_and_its_lora_trains_and_reloads(tmp_path,
+                                                                                   photos,
+                                                                                   base):
+    from train.quantize import quantize_blocks
+
+    model = copy.deepcopy(base.transformer)
+    before = sum(p.numel() * p.element_size() for p in model.transformer_blocks.parameters())
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    states, pooled, want = probe(base)
+    assert quantize_blocks(model, torch.float32) == 26  # 14 Linears a double block, 6 a single
+    after = sum(p.numel() * p.element_size() for p in model.transformer_blocks.parameters())
+    assert after < 0.2 * before  # 4 bits (plus a scale per 64) against fp32's 32
+    with torch.no_grad():
+        got = flux.denoise(model, latent, torch.tensor([500.0]), states, pooled)
+        ref = flux.denoise(base.transformer, latent, torch.tensor([500.0]), states, pooled)
+    assert float((got - ref).norm() / ref.norm()) < 0.1  # NF4's rounding, nothing worse
+
+    out, lines = train_tiny(tmp_path, photos, "qlora", **dict(
+        FLUX, use_lora=True, quantize_base="nf4", learning_rate=1e-3, lora_rank=4))
+    assert "model: 26 layers of the transformer's blocks held in 4 bits (nf4)" in lines
+    pipe = copy.deepcopy(base)  # the adapters load on the full-precision base
+    pipe.load_lora_weights(str(out / "lora"))
+    assert (probe(pipe)[2] - want).abs().max() > 1e-3
+    for setting, message in ((dict(use_lora=False), "quantize_base .* set use_lora to true"),
+                             (dict(output_format="diffusers"), "quantize_base writes the LoRA")):
+        with pytest.raises(UserError, match=message):
+            TrainConfig(**dict(FLUX, instance_data="x.zip", instance_prompt="a photo of sks ball",
+                               class_prompt="a photo of a ball",
+                               quantize_base="nf4", **dict(dict(use_lora=True), **setting)))

@@ -43,6 +43,7 @@ from .optim import (base_weights, bitsandbytes_adamw, lr_schedule, make_optimize
 from .plan import Plan, dataset_summary, make_plan
 from .prior import (class_image_prior_prompts, class_image_prompts, frozen_copy,
                     instance_prior_prompts)
+from .quantize import quantize_blocks
 from .quiet import quiet_libraries
 from .sampling import generate, sampler
 
@@ -225,6 +226,9 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
     model = Model(None, family, accelerator, precision, None)
     model.pipe = load_pipeline(source, accelerator.device, model_config, what,
                                dtype=model.dtype if half else torch.float32)
+    if config.quantize_base != "no":  # before the class images: they are drawn by this model
+        count = quantize_blocks(families.denoiser(model.pipe), model.dtype)
+        log(f"model: {count} layers of the {family.DENOISER}'s blocks held in 4 bits (nf4)")
     model.resumed = (checkpoint.materialize(config.resume, work, config) if config.resume
                      else None)
     return model
