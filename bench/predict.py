@@ -8,8 +8,9 @@ and the GPU memory it holds (weights, gradients, optimizer state, activations).
 FLOPs are the denoiser's forward and backward (and the text encoders' when they train), counted
 by torch's FlopCounterMode; gradient checkpointing's recomputation is not counted. Memory:
 - weights: the denoiser in the precision it is held in (a LoRA's frozen base in bf16, or its
-  blocks' Linear layers in NF4 with quantize_base; a full fine-tune's fp32 master weights), the VAE in fp32 and the text encoders that stay on the GPU
-  (frozen ones are parked in CPU memory while the denoiser trains: train/recipe.py);
+  blocks' Linear layers in NF4 with quantize_base; a full fine-tune's fp32 master weights),
+  the VAE in fp32 and the text encoders that stay on the GPU (frozen ones are parked in CPU
+  memory while the denoiser trains: train/recipe.py);
 - gradients and AdamW's two moments in fp32 for every trainable parameter (8-bit AdamW: one
   byte a moment);
 - activations: the tensors autograd saves in the forward, counted with saved-tensor hooks in

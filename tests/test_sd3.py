@@ -186,6 +186,23 @@ def test_the_transformer_file_is_stabilitys_layout_and_diffusers_reads_it_back(f
     assert same_weights(read, load(full).transformer)
 
 
+def test_the_generator_puts_a_transformer_file_on_its_base_model(full, tmp_path, base):
+    import shutil
+
+    from train.trained import load_full
+
+    only = tmp_path / "only"  # a tarball of the transformer alone
+    only.mkdir()
+    for name in ("transformer.safetensors", "training.json"):
+        shutil.copy(full / name, only / name)
+    pipe = load_full(only, "tiny-sd3", "cpu", "weights", configs=tmp_path / "configs")
+    assert same_weights(pipe.transformer, load(full).transformer)
+    assert same_weights(pipe.text_encoder_3, base.text_encoder_3)
+    with pytest.raises(UserError, match="holds a transformer for SD 3.x, and this server's "
+                                        "base model is FLUX.1"):
+        load_full(only, "tiny-flux", "cpu", "weights", configs=tmp_path / "flux-configs")
+
+
 def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     settings = dict(SD3, use_lora=True, lora_rank=4, learning_rate=1e-3, train_text_encoder=True,
                     output_format="diffusers,lora", prior_source="class_images+base_model",

@@ -8,7 +8,8 @@ as a pipeline that draws the subject, whatever output formats it holds. The gene
 
 The formats, in the order they are taken when a tarball holds several (format_of):
   diffusers    model_index.json and its component folders: a whole pipeline
-  single_file  model.safetensors: the base model's configs and tokenizers with these weights
+  single_file  model.safetensors: the base model's configs and tokenizers with these weights;
+               for SD 3.x and FLUX, transformer.safetensors: the base model with this transformer
   lora         lora/pytorch_lora_weights.safetensors (or the kohya-layout lora.safetensors):
                an adapter on the base model, its strength set per prediction (set_lora_scale)
 A tarball is read as a resume tarball is: a plain or compressed tar of files, no links, no path
@@ -40,6 +41,7 @@ from .models import PICKLE_SUFFIXES, SHIPPED, build_builtin, check_model, load_p
 from .single_file import checkpoint_family
 
 FORMATS = (("diffusers", "model_index.json"), ("single_file", "model.safetensors"),
+           ("single_file", "transformer.safetensors"),
            ("lora", "lora/pytorch_lora_weights.safetensors"), ("lora", "lora.safetensors"))
 MAX_FILES = 10000  # entries, folders included; an SDXL folder with samples holds about 50
 MAX_RATIO = 20.0   # safetensors hardly compress: a tarball that expands more is a bomb
@@ -165,6 +167,10 @@ def load_full(folder: Path, base: str, device, what: str, name: str | None = Non
     the configs and tokenizers of `base` (a built-in base is written out to `configs` first)."""
     name = name or folder.name
     fmt = format_of(folder, what, name)
+    if fmt == "single_file" and (folder / "transformer.safetensors").is_file() and not (
+            folder / "model.safetensors").is_file():
+        return _with_transformer(folder / "transformer.safetensors", base, device, what, name,
+                                 configs)
     if fmt == "single_file":
         _same_family(folder / "model.safetensors", base, what, name)
     try:
@@ -176,6 +182,32 @@ def load_full(folder: Path, base: str, device, what: str, name: str | None = Non
     except UserError as e:
         raise UserError(_renamed(str(e), folder, what, name)) from None
     raise ValueError(f"{folder} holds a LoRA, not full weights: use add_lora")
+
+
+def _with_transformer(path: Path, base: str, device, what: str, name: str,
+                      configs: Path | None):
+    """The base model (SD 3.x or FLUX) with the transformer of an original-layout file in
+    place of its own."""
+    import diffusers
+
+    ours = check_model(base)
+    try:
+        with safe_open(path, framework="pt") as f:
+            theirs = (f.metadata() or {}).get("family")
+    except (SafetensorError, OSError):
+        raise UserError(f"{what}: {name} holds an unreadable transformer.safetensors; "
+                        f"{ADVICE}") from None
+    if theirs != ours:
+        raise UserError(f"{what}: {name} holds a transformer for "
+                        f"{FAMILY_NAMES.get(theirs, 'another model')}, and this server's base "
+                        f"model is {FAMILY_NAMES[ours]}: serve it on the base model it was "
+                        f"trained on (BASE_MODEL)")
+    pipe = load_pipeline(base, device, what=what)
+    cls = getattr(diffusers, type(pipe.transformer).__name__)
+    pipe.transformer = cls.from_single_file(
+        str(path), config=config_folder(base, configs), subfolder="transformer",
+        local_files_only=True, torch_dtype=pipe.transformer.dtype).to(device)
+    return pipe
 
 
 def _same_family(path: Path, base: str, what: str, name: str) -> None:
