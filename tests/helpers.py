@@ -106,3 +106,71 @@ def probe(pipe, prompt: str = "a photo of sks ball"):
     time_ids = torch.tensor([[48.0, 64, 0, 8, 64, 64]]) if family.TIME_IDS else None
     out = family.denoise(denoiser, latent, torch.tensor([500]), states, pooled, time_ids)
     return states, pooled, out
+
+
+def flow_step(pipe, family, seed: int = 7):
+    """One step of the real training loop (learning rate 0: nothing moves) on one red photo of
+    a flow-matching family's `pipe`, prompts cached. Returns the step's instance loss, the
+    cached data, the latent and noise the loop drew, and the loop's generator replayed up to
+    its timestep draw, for a test to finish the loss by hand."""
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from train import TrainConfig
+    from train.data import draw_batch, prepare
+    from train.intake import Example
+    from train.loop import LoopState, Training, train
+
+    pipe = copy.deepcopy(pipe)
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    encoders = families.text_encoders(pipe)
+    data = prepare(family, pipe.vae, encoders, families.tokenizers(pipe),
+                   [Example("a.png", "a photo of sks ball", (64, 64), image)], [], 64,
+                   center_crop=True, cache_embeddings=True, seed=0)
+    optimizer = torch.optim.SGD(pipe.transformer.parameters(), lr=0.0)
+    training = Training(pipe.transformer, encoders, optimizer,
+                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                        family.training_scheduler(pipe.scheduler.config),
+                        list(pipe.transformer.parameters()), {}, None, None,
+                        denoiser_name="transformer")
+    config = TrainConfig(instance_data="x", instance_prompt="a photo of sks ball",
+                         with_prior_preservation=False, train_batch_size=1)
+    state = train(Accelerator(cpu=True), family, training, data, LoopState.start(seed),
+                  SimpleNamespace(steps=1, log_every=1), config, until=1, log=lambda line: None)
+    generator = torch.Generator().manual_seed(seed)  # the loop's draws, replayed
+    draw_batch(data, [], generator, batch_size=1)
+    sample_noise = torch.randn(data.inst_mean[0].shape, generator=generator)
+    noise = torch.randn(data.inst_mean[0].shape, generator=generator)
+    latents = data.inst_mean[0] + data.inst_std[0] * sample_noise
+    return state.history[0]["instance_loss"], data, latents, noise, generator
+
+
+def check_lora_files(out: Path, base, trained) -> None:
+    """A transformer family's two LoRA files (rank 4, alpha 16) reload on a copy of `base` to
+    the `trained` outputs (probe): diffusers' layout, and ComfyUI's (the same names, the up
+    matrices times alpha / r = 4, which a reader ignoring alpha then applies right)."""
+    import copy
+
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(out / "lora"))
+    assert_close(probe(pipe), trained)
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    comfy = load_file(out / "lora-comfyui.safetensors")
+    assert comfy.keys() == lora.keys()
+    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
+    assert_close(probe(pipe), trained)
+
+
+def check_resume(tmp_path: Path, photos, settings: dict, weights: str) -> None:
+    """A run resumed from its step-2 checkpoint ends with the `weights` file (a path in the
+    output) bit-identical to the uninterrupted run's."""
+    whole, _ = train_tiny(tmp_path, photos, "whole", **settings, checkpointing_steps=2)
+    resumed, lines = train_tiny(tmp_path, photos, "resumed", **settings,
+                                resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
+    assert any("from step 2" in line for line in lines)
+    a, b = load_file(whole / weights), load_file(resumed / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

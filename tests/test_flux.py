@@ -19,7 +19,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import FAST, assert_close, probe, same_weights, train_tiny
+from helpers import (FAST, assert_close, check_lora_files, check_resume, flow_step, probe,
+                     same_weights, train_tiny)
 from train import TrainConfig, run
 from train.data import draw_batch, prepare, tokenize
 from train.errors import UserError
@@ -116,44 +117,17 @@ def test_timesteps_are_shifted_by_the_image_size_as_the_sampler_shifts_them(base
 
 
 def test_a_training_step_is_the_flow_matching_loss(base):
-    # One step of the loop itself (lr 0: nothing moves), and its loss computed here by hand.
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-
-    from train.loop import LoopState, Training, train
-
-    pipe = copy.deepcopy(base)
-    image = Image.new("RGB", (64, 64), (200, 40, 40))
-    encoders = [pipe.text_encoder, pipe.text_encoder_2]
-    data = prepare(flux, pipe.vae, encoders, [pipe.tokenizer, pipe.tokenizer_2],
-                   [Example("a.png", "a photo of sks ball", (64, 64), image)], [], 64,
-                   center_crop=True, cache_embeddings=True, seed=0)
-    scheduler = flux.training_scheduler(pipe.scheduler.config)
-    optimizer = torch.optim.SGD(pipe.transformer.parameters(), lr=0.0)
-    training = Training(pipe.transformer, encoders, optimizer,
-                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                        scheduler, list(pipe.transformer.parameters()), {}, None, None,
-                        denoiser_name="transformer")
-    config = TrainConfig(instance_data="x", instance_prompt="a photo of sks ball",
-                         with_prior_preservation=False, train_batch_size=1)
-    state = train(Accelerator(cpu=True), flux, training, data, LoopState.start(7),
-                  SimpleNamespace(steps=1, log_every=1), config, until=1, log=lambda line: None)
-
-    generator = torch.Generator().manual_seed(7)  # the loop's draws, replayed
-    draw_batch(data, [], generator, batch_size=1)
-    sample_noise = torch.randn(data.inst_mean[0].shape, generator=generator)
-    noise = torch.randn(data.inst_mean[0].shape, generator=generator)
+    # The loop's step, and its loss by hand: sigma logit-normal, shifted for 8x8 latents (16
+    # tokens) as the sampler shifts it, the straight line, the velocity.
+    loss, data, latents, noise, generator = flow_step(base, flux)
     sigma = torch.sigmoid(torch.randn(1, generator=generator))
-    mu = calculate_shift(4 * 4)  # 8x8 latents: 16 tokens
+    mu = calculate_shift(4 * 4)
     sigma = torch.e ** mu / (torch.e ** mu + 1 / sigma - 1)
-    latents = data.inst_mean[0] + data.inst_std[0] * sample_noise
     noisy = (1 - sigma) * latents + sigma * noise
     with torch.no_grad():
-        pred = flux.denoise(pipe.transformer, noisy, sigma * 1000, data.prompt_emb,
+        pred = flux.denoise(base.transformer, noisy, sigma * 1000, data.prompt_emb,
                             data.prompt_pooled)
-    want = float(((pred - (noise - latents)) ** 2).mean())
-    assert state.history[0]["instance_loss"] == pytest.approx(want, rel=1e-5)
+    assert loss == pytest.approx(float(((pred - (noise - latents)) ** 2).mean()), rel=1e-5)
 
 
 def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos, base):
@@ -233,30 +207,15 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     before = probe(base)
     for i in (1, 2):  # CLIP-L's pooled output, and the transformer
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
-    pipe = copy.deepcopy(base)
-    pipe.load_lora_weights(str(out / "lora"))
-    assert_close(probe(pipe), trained)
-    # For ComfyUI, which reads no alpha: the same names, the up matrices times alpha / r (16 at
-    # rank 4: 4), read back by diffusers too (as alpha = r).
-    comfy = load_file(out / "lora-comfyui.safetensors")
-    assert comfy.keys() == lora.keys()
-    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
-    pipe = copy.deepcopy(base)
-    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
-    assert_close(probe(pipe), trained)
+    check_lora_files(out, base, trained)
 
 
 def test_resume_is_bit_identical(tmp_path, photos):
     settings = dict(FLUX, use_ema=True, offset_noise=0.1, flip_p=0.5,
                     gradient_checkpointing=True, prior_source="base_model",
                     prior_prompts="a ball in the snow")
-    whole, _ = train_tiny(tmp_path, photos, "whole", **settings, checkpointing_steps=2)
-    resumed, lines = train_tiny(tmp_path, photos, "resumed", **settings,
-                                resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
-    assert any("from step 2" in line for line in lines)
-    path = "transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(whole / path), load_file(resumed / path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_resume(tmp_path, photos, settings,
+                 "transformer/diffusion_pytorch_model.safetensors")
 
 
 def test_what_flux_cannot_take_is_refused_before_loading(tmp_path, photos):

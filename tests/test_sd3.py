@@ -9,7 +9,6 @@ take is refused before the model loads.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,7 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import FAST, assert_close, probe, same_weights, train_tiny
+from helpers import (FAST, assert_close, check_lora_files, check_resume, flow_step, probe,
+                     same_weights, train_tiny)
 from train import TrainConfig, run
 from train.data import draw_batch, encode_images, prepare, tokenize
 from train.errors import UserError
@@ -110,45 +110,16 @@ def test_the_vae_latents_carry_sd3s_shift(base):
 
 
 def test_a_training_step_is_the_flow_matching_loss(base):
-    # One step of the loop itself (lr 0: nothing moves), and its loss computed here by hand:
-    # sigma = t / 1000, the straight line between the latent and the noise, the velocity.
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-
-    from train.loop import LoopState, Training, train
-
-    pipe = copy.deepcopy(base)
-    image = Image.new("RGB", (64, 64), (200, 40, 40))
-    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-    data = prepare(sd3, pipe.vae, encoders, [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-                   [Example("a.png", "a photo of sks ball", (64, 64), image)], [], 64,
-                   center_crop=True, cache_embeddings=True, seed=0)
-    scheduler = sd3.training_scheduler(pipe.scheduler.config)
-    optimizer = torch.optim.SGD(pipe.transformer.parameters(), lr=0.0)
-    training = Training(pipe.transformer, encoders, optimizer,
-                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                        scheduler, list(pipe.transformer.parameters()), {}, None, None,
-                        denoiser_name="transformer")
-    config = TrainConfig(instance_data="x", instance_prompt="a photo of sks ball",
-                         with_prior_preservation=False, train_batch_size=1)
-    plan = SimpleNamespace(steps=1, log_every=1)
-    state = train(Accelerator(cpu=True), sd3, training, data, LoopState.start(7), plan, config,
-                  until=1, log=lambda line: None)
-
-    generator = torch.Generator().manual_seed(7)  # the loop's draws, replayed
-    draw_batch(data, [], generator, batch_size=1)
-    sample_noise = torch.randn(data.inst_mean[0].shape, generator=generator)
-    noise = torch.randn(data.inst_mean[0].shape, generator=generator)
-    u = torch.sigmoid(torch.randn(1, generator=generator))  # logit-normal(0, 1)
-    t = scheduler.timesteps[(u * 1000).long()]
+    # The loop's step, and its loss by hand: sigma = t / 1000 (t drawn logit-normally from the
+    # shifted table), the straight line between the latent and the noise, the velocity.
+    loss, data, latents, noise, generator = flow_step(base, sd3)
+    u = torch.sigmoid(torch.randn(1, generator=generator))
+    t = sd3.training_scheduler(base.scheduler.config).timesteps[(u * 1000).long()]
     sigma = float(t) / 1000
-    latents = data.inst_mean[0] + data.inst_std[0] * sample_noise
     noisy = (1 - sigma) * latents + sigma * noise
     with torch.no_grad():
-        pred = sd3.denoise(pipe.transformer, noisy, t, data.prompt_emb, data.prompt_pooled)
-    want = float(((pred - (noise - latents)) ** 2).mean())
-    assert state.history[0]["instance_loss"] == pytest.approx(want, rel=1e-5)
+        pred = sd3.denoise(base.transformer, noisy, t, data.prompt_emb, data.prompt_pooled)
+    assert loss == pytest.approx(float(((pred - (noise - latents)) ** 2).mean()), rel=1e-5)
 
 
 def test_full_fine_tune_trains_the_transformer_and_clips_not_t5(full, base):
@@ -221,30 +192,15 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     before = probe(base)
     for i in (0, 2):
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
-    pipe = copy.deepcopy(base)
-    pipe.load_lora_weights(str(out / "lora"))
-    assert_close(probe(pipe), trained)
-    # For ComfyUI, which reads no alpha: the same names, the up matrices times alpha / r (16 at
-    # rank 4: 4), read back by diffusers too (as alpha = r).
-    comfy = load_file(out / "lora-comfyui.safetensors")
-    assert comfy.keys() == lora.keys()
-    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
-    pipe = copy.deepcopy(base)
-    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
-    assert_close(probe(pipe), trained)
+    check_lora_files(out, base, trained)
 
 
 def test_resume_is_bit_identical(tmp_path, photos):
     settings = dict(SD3, use_ema=True, offset_noise=0.1, flip_p=0.5,
                     gradient_checkpointing=True, prior_source="base_model",
                     prior_prompts="a ball in the snow")
-    whole, _ = train_tiny(tmp_path, photos, "whole", **settings, checkpointing_steps=2)
-    resumed, lines = train_tiny(tmp_path, photos, "resumed", **settings,
-                                resume=str(tmp_path / "whole-checkpoints" / "step-000002"))
-    assert any("from step 2" in line for line in lines)
-    path = "transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(whole / path), load_file(resumed / path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_resume(tmp_path, photos, settings,
+                 "transformer/diffusion_pytorch_model.safetensors")
 
 
 @pytest.mark.parametrize("setting, message", [
