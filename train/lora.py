@@ -108,7 +108,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
-    family = families.get(families.of(pipe))
+    kind = families.of(pipe)
+    family = families.get(kind)
     denoiser = family.DENOISER
     kwargs = {}
     for name in (denoiser, *families.text_names(pipe)):
@@ -137,7 +138,6 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
         written["comfyui"] = save_scaled(kwargs, folder / "lora-comfyui.safetensors")
         return written
 
-    kind = families.of(pipe)
     lora = {}
     for name in (denoiser, *families.text_names(pipe)):
         lora |= kohya_state_dict(getattr(pipe, name), name, kind)
@@ -344,7 +344,7 @@ def merge_lora(pipe) -> None:
     fp16 weights rounds the sum to fp16."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name in ("unet", "transformer", *families.text_names(pipe)):
+    for name in (families.get(families.of(pipe)).DENOISER, *families.text_names(pipe)):
         model = getattr(pipe, name, None)
         if model is None:
             continue

@@ -187,7 +187,7 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         """The mixed precision's dtype (float32 without one)."""
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        return precision_dtype(self.precision)
 
     def half(self):
         """Autocast to the mixed precision, for sampling on a GPU: the fp32 weights stay exact
@@ -223,15 +223,14 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
     half = config.use_lora and precision != "no"
     log(f"model: loading {source} on {accelerator.device} ({mode}"
         + (f", the frozen base in {precision})" if half else ")"))
-    model = Model(None, family, accelerator, precision, None)
-    model.pipe = load_pipeline(source, accelerator.device, model_config, what,
-                               dtype=model.dtype if half else torch.float32)
+    dtype = precision_dtype(precision)
+    pipe = load_pipeline(source, accelerator.device, model_config, what,
+                         dtype=dtype if half else torch.float32)
     if config.quantize_base != "no":  # before the class images: they are drawn by this model
-        count = quantize_blocks(families.denoiser(model.pipe), model.dtype)
+        count = quantize_blocks(families.denoiser(pipe), dtype)
         log(f"model: {count} layers of the {family.DENOISER}'s blocks held in 4 bits (nf4)")
-    model.resumed = (checkpoint.materialize(config.resume, work, config) if config.resume
-                     else None)
-    return model
+    resumed = checkpoint.materialize(config.resume, work, config) if config.resume else None
+    return Model(pipe, family, accelerator, precision, resumed)
 
 
 def top_up_class_images(config: TrainConfig, intake: Intake, model: Model, log) -> list[Example]:
@@ -585,6 +584,11 @@ def check_writable(output: str, work_dir: str | None) -> None:
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise UserError(f"{what}: cannot write in {folder} ({existing} is not a writable "
                             f"folder)")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of a mixed precision ("no": float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def resolve_precision(choice: str, cuda: bool) -> str:

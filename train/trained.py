@@ -8,8 +8,8 @@ as a pipeline that draws the subject, whatever output formats it holds. The gene
 
 The formats, in the order they are taken when a tarball holds several (format_of):
   diffusers    model_index.json and its component folders: a whole pipeline
-  single_file  model.safetensors: the base model's configs and tokenizers with these weights;
-               for SD 3.x and FLUX, transformer.safetensors: the base model with this transformer
+  single_file  model.safetensors: the base model's configs and tokenizers with these weights
+  transformer  transformer.safetensors (SD 3.x, FLUX): the base model with this transformer
   lora         lora/pytorch_lora_weights.safetensors (or the kohya-layout lora.safetensors):
                an adapter on the base model, its strength set per prediction (set_lora_scale)
 A tarball is read as a resume tarball is: a plain or compressed tar of files, no links, no path
@@ -41,7 +41,7 @@ from .models import PICKLE_SUFFIXES, SHIPPED, build_builtin, check_model, load_p
 from .single_file import checkpoint_family
 
 FORMATS = (("diffusers", "model_index.json"), ("single_file", "model.safetensors"),
-           ("single_file", "transformer.safetensors"),
+           ("transformer", "transformer.safetensors"),
            ("lora", "lora/pytorch_lora_weights.safetensors"), ("lora", "lora.safetensors"))
 MAX_FILES = 10000  # entries, folders included; an SDXL folder with samples holds about 50
 MAX_RATIO = 20.0   # safetensors hardly compress: a tarball that expands more is a bomb
@@ -167,8 +167,7 @@ def load_full(folder: Path, base: str, device, what: str, name: str | None = Non
     the configs and tokenizers of `base` (a built-in base is written out to `configs` first)."""
     name = name or folder.name
     fmt = format_of(folder, what, name)
-    if fmt == "single_file" and (folder / "transformer.safetensors").is_file() and not (
-            folder / "model.safetensors").is_file():
+    if fmt == "transformer":
         return _with_transformer(folder / "transformer.safetensors", base, device, what, name,
                                  configs)
     if fmt == "single_file":
