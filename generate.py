@@ -101,9 +101,9 @@ class Predictor(BasePredictor):
             description="Height in pixels, a multiple of 8 (0 = the model's own)"),
         num_outputs: int = Input(default=1, ge=1, le=8, description="Number of images"),
         num_inference_steps: int = Input(default=25, ge=1, le=500, description="Denoising steps"),
-        guidance_scale: float = Input(
-            default=7.5, ge=0.0, le=50.0,
-            description="Classifier-free guidance scale: how closely the images follow the prompt"),
+        guidance_scale: Optional[float] = Input(
+            default=None, ge=0.0, le=50.0,
+            description="Guidance scale: how closely the images follow the prompt (default: the family's: 7.5 for SD 1.x/2.x/XL, 4.5 for SD 3.x, 3.5 for FLUX.1)"),
         scheduler: str = Input(
             default="DPMSolverMultistep", choices=["DPMSolverMultistep", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "PNDM"],
             description="Sampler"),

@@ -86,9 +86,9 @@ class Predictor(BasePredictor):
             default=None,
             description="Negative prompt for the sample images"),
         n_save_sample: int = Input(default=4, ge=1, le=100, description="Number of sample images"),
-        save_guidance_scale: float = Input(
-            default=7.5, ge=0.0, le=50.0,
-            description="Classifier-free guidance scale for the sample images"),
+        save_guidance_scale: Optional[float] = Input(
+            default=None, ge=0.0, le=50.0,
+            description="Guidance scale for the sample images (default: the family's, as class_guidance_scale)"),
         save_infer_steps: int = Input(
             default=50, ge=1, le=1000,
             description="Sampling steps for the sample images"),
@@ -104,9 +104,9 @@ class Predictor(BasePredictor):
         seed: int = Input(
             default=1337, ge=0, le=4294967295,
             description="Seed for everything random: the same seed gives the same weights"),
-        resolution: int = Input(
-            default=512, ge=64, le=2048,
-            description="Training resolution in pixels (images are resized, then cropped square); a multiple of 8"),
+        resolution: Optional[int] = Input(
+            default=None, ge=64, le=2048,
+            description="Training resolution in pixels (images are resized, then cropped square); a multiple of 8 (16 for SD 3.x and FLUX.1; default: the family's: 512 for SD 1.x/2.x, 1024 for SDXL, SD 3.x and FLUX.1)"),
         center_crop: bool = Input(
             default=False,
             description="Crop the centre of each image; otherwise a random square crop, fixed per image by the seed"),
@@ -122,9 +122,9 @@ class Predictor(BasePredictor):
         num_train_epochs: int = Input(
             default=1, ge=1, le=100000,
             description="Passes over the data; used only when max_train_steps is 0"),
-        max_train_steps: int = Input(
-            default=2000, ge=0, le=1000000,
-            description="Optimizer steps to train; overrides num_train_epochs (0 = train for num_train_epochs)"),
+        max_train_steps: Optional[int] = Input(
+            default=None, ge=0, le=1000000,
+            description="Optimizer steps to train; overrides num_train_epochs (0 = train for num_train_epochs; default: the family's: 2000 for SD 1.x/2.x/XL, 1000 for SD 3.x and FLUX.1)"),
         gradient_accumulation_steps: int = Input(
             default=1, ge=1, le=1024,
             description="Batches whose gradients are averaged into each optimizer step"),
@@ -133,7 +133,7 @@ class Predictor(BasePredictor):
             description="Recompute activations in the backward pass: less memory, about 30% slower"),
         learning_rate: Optional[float] = Input(
             default=None, ge=0.0, le=1.0,
-            description="Learning rate before scale_lr (default 1e-06, or 0.0001 with use_lora)"),
+            description="Learning rate before scale_lr (default: the family's: 1e-6 for a full fine-tune of SD 1.x/2.x/XL, 1e-5 for SD 3.x and FLUX.1; 1e-4 for any LoRA)"),
         scale_lr: bool = Input(
             default=False,
             description="Multiply the learning rate by train_batch_size x gradient_accumulation_steps"),
@@ -246,9 +246,9 @@ class Predictor(BasePredictor):
         prior_prompts: Optional[str] = Input(
             default=None,
             description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo, with class_images+base_model each class image, is also kept under one of them, drawn at random each step"),
-        class_guidance_scale: float = Input(
-            default=7.5, ge=0.0, le=50.0,
-            description="Classifier-free guidance scale for the generated class images"),
+        class_guidance_scale: Optional[float] = Input(
+            default=None, ge=0.0, le=50.0,
+            description="Guidance scale for the generated class images (default: the family's: 7.5 for SD 1.x/2.x/XL, 4.5 for SD 3.x, 3.5 for FLUX.1's distilled guidance)"),
         context_loss_weight: float = Input(
             default=0.5, ge=0.0, le=1000.0,
             description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),
@@ -286,9 +286,9 @@ class Predictor(BasePredictor):
             default=None,
             description="Negative prompt for the sample images"),
         n_save_sample: int = Input(default=4, ge=1, le=100, description="Number of sample images"),
-        save_guidance_scale: float = Input(
-            default=7.5, ge=0.0, le=50.0,
-            description="Classifier-free guidance scale for the sample images"),
+        save_guidance_scale: Optional[float] = Input(
+            default=None, ge=0.0, le=50.0,
+            description="Guidance scale for the sample images (default: the family's, as class_guidance_scale)"),
         save_infer_steps: int = Input(
             default=50, ge=1, le=1000,
             description="Sampling steps for the sample images"),
@@ -304,9 +304,9 @@ class Predictor(BasePredictor):
         seed: int = Input(
             default=1337, ge=0, le=4294967295,
             description="Seed for everything random: the same seed gives the same weights"),
-        resolution: int = Input(
-            default=512, ge=64, le=2048,
-            description="Training resolution in pixels (images are resized, then cropped square); a multiple of 8"),
+        resolution: Optional[int] = Input(
+            default=None, ge=64, le=2048,
+            description="Training resolution in pixels (images are resized, then cropped square); a multiple of 8 (16 for SD 3.x and FLUX.1; default: the family's: 512 for SD 1.x/2.x, 1024 for SDXL, SD 3.x and FLUX.1)"),
         center_crop: bool = Input(
             default=False,
             description="Crop the centre of each image; otherwise a random square crop, fixed per image by the seed"),
@@ -322,9 +322,9 @@ class Predictor(BasePredictor):
         num_train_epochs: int = Input(
             default=1, ge=1, le=100000,
             description="Passes over the data; used only when max_train_steps is 0"),
-        max_train_steps: int = Input(
-            default=2000, ge=0, le=1000000,
-            description="Optimizer steps to train; overrides num_train_epochs (0 = train for num_train_epochs)"),
+        max_train_steps: Optional[int] = Input(
+            default=None, ge=0, le=1000000,
+            description="Optimizer steps to train; overrides num_train_epochs (0 = train for num_train_epochs; default: the family's: 2000 for SD 1.x/2.x/XL, 1000 for SD 3.x and FLUX.1)"),
         gradient_accumulation_steps: int = Input(
             default=1, ge=1, le=1024,
             description="Batches whose gradients are averaged into each optimizer step"),
@@ -333,7 +333,7 @@ class Predictor(BasePredictor):
             description="Recompute activations in the backward pass: less memory, about 30% slower"),
         learning_rate: Optional[float] = Input(
             default=None, ge=0.0, le=1.0,
-            description="Learning rate before scale_lr (default 1e-06, or 0.0001 with use_lora)"),
+            description="Learning rate before scale_lr (default: the family's: 1e-6 for a full fine-tune of SD 1.x/2.x/XL, 1e-5 for SD 3.x and FLUX.1; 1e-4 for any LoRA)"),
         scale_lr: bool = Input(
             default=False,
             description="Multiply the learning rate by train_batch_size x gradient_accumulation_steps"),
@@ -446,9 +446,9 @@ class Predictor(BasePredictor):
         prior_prompts: Optional[str] = Input(
             default=None,
             description="The class in other contexts for the prior, one prompt a line (e.g. 'a photo of a dog on the beach'): half the class images are generated from these, half from class_prompt; with base_model each photo, with class_images+base_model each class image, is also kept under one of them, drawn at random each step"),
-        class_guidance_scale: float = Input(
-            default=7.5, ge=0.0, le=50.0,
-            description="Classifier-free guidance scale for the generated class images"),
+        class_guidance_scale: Optional[float] = Input(
+            default=None, ge=0.0, le=50.0,
+            description="Guidance scale for the generated class images (default: the family's: 7.5 for SD 1.x/2.x/XL, 4.5 for SD 3.x, 3.5 for FLUX.1's distilled guidance)"),
         context_loss_weight: float = Input(
             default=0.5, ge=0.0, le=1000.0,
             description="With prior_source class_images+base_model: the weight of the class images' rows under prior_prompts (toward the base model's predictions), beside prior_loss_weight for the class images themselves"),

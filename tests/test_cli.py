@@ -98,7 +98,10 @@ def test_bad_archives_fail_fast_with_one_line(tmp_path, venv_env, members, messa
       "--with-prior-preservation", "maybe"],
      "error: argument --with-prior-preservation: expected true or false, got 'maybe'"),
     (["--instance-data", "missing.zip", "--output", "o.tar", "--instance-prompt", "p",
-      "--class-prompt", "c"], "error: instance_data: missing.zip does not exist"),
+      "--class-prompt", "c", "--model", "tiny"],
+     "error: instance_data: missing.zip does not exist"),
+    (["--instance-data", "missing.zip", "--output", "o.tar", "--instance-prompt", "p",
+      "--class-prompt", "c", "--model", "nowhere"], "error: model 'nowhere' not found"),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, venv_env, args, message):
     result = cli(args, venv_env, tmp_path)

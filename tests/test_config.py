@@ -5,7 +5,7 @@ from cog._inspector import create_predictor
 
 from helpers import ROOT
 from train.cli import build_parser
-from train import UserError
+from train import UserError, families
 from train.config import TrainConfig, fields
 
 # replicate/dreambooth's inputs with their defaults: clients send these.
@@ -28,14 +28,34 @@ def valid(**overrides):
 
 
 def test_replicate_defaults_kept():
-    config = valid()
+    """A client of replicate/dreambooth that leaves a setting out gets its default on SD 1.x:
+    some settings are unset (None) until the base model's family fills them in."""
+    config, taken = families.settle(valid(), "sd1")
     for name, default in REPLICATE_DEFAULTS.items():
-        if name == "learning_rate":  # unset means 1e-6 for a full fine-tune, 1e-4 for LoRA
-            assert config.learning_rate is None and config.base_lr() == default
-            assert valid(use_lora=True).base_lr() == 1e-4
-            continue
         assert getattr(config, name) == default, name
+    assert set(taken) == {"resolution", "max_train_steps", "learning_rate",
+                          "save_guidance_scale", "class_guidance_scale"}
+    assert families.settle(valid(use_lora=True), "sd1")[0].learning_rate == 1e-4
     assert len(REPLICATE_DEFAULTS) + len(REPLICATE_REQUIRED) == 33
+
+
+@pytest.mark.parametrize("kind, resolution", [("sd2", 512), ("sdxl", 1024), ("sd3", 1024),
+                                              ("flux", 1024)])
+def test_each_family_fills_in_what_is_left_unset(kind, resolution):
+    config, taken = families.settle(valid(), kind)
+    table = families.get(kind).DEFAULTS
+    assert config.resolution == resolution
+    assert (config.max_train_steps, config.learning_rate) == (table["max_train_steps"],
+                                                             table["learning_rate"])
+    assert config.class_guidance_scale == config.save_guidance_scale == table["guidance_scale"]
+    assert taken["resolution"] == resolution
+    # What the user gives is kept, and not reported as a default.
+    given, taken = families.settle(valid(resolution=768, save_guidance_scale=2.0,
+                                         max_train_steps=0, use_lora=True), kind)
+    assert (given.resolution, given.save_guidance_scale, given.max_train_steps) == (768, 2.0, 0)
+    assert given.class_guidance_scale == table["guidance_scale"]
+    assert given.learning_rate == table["lora_learning_rate"]
+    assert {"resolution", "save_guidance_scale", "max_train_steps"}.isdisjoint(taken)
 
 
 def test_cog_inputs_derive_from_config():

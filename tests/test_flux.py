@@ -131,7 +131,7 @@ def test_a_training_step_is_the_flow_matching_loss(base):
 
 
 def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos, base):
-    out, _ = train_tiny(tmp_path, photos, "full", **dict(
+    out, lines = train_tiny(tmp_path, photos, "full", **dict(
         FLUX, learning_rate=1e-3, train_text_encoder=True, save_sample_prompt="a photo of sks ball",
         n_save_sample=1, save_infer_steps=2, output_format="diffusers,single_file"))
     trained = load(out)
@@ -141,6 +141,11 @@ def test_full_fine_tune_trains_the_transformer_and_clip_not_t5(tmp_path, photos,
     assert same_weights(trained.vae, base.vae)
     record = json.loads((out / "training.json").read_text())
     assert record["family"] == "flux" and len(record["history"]) == 4
+    # The guidance left unset is FLUX.1's distilled 3.5, for class images and samples alike.
+    assert record["config"]["class_guidance_scale"] == record["config"]["save_guidance_scale"] \
+        == 3.5
+    assert "FLUX.1 defaults for what was not set: class_guidance_scale 3.5, " \
+           "save_guidance_scale 3.5" in lines
     assert len(record["dataset"]["class"]["used"]) == 2
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline"
@@ -275,7 +280,7 @@ def test_the_generator_draws_with_a_flux_lora_at_sides_of_16(tmp_path, photos):
         output=str(tmp_path / "images")), log=lines.append)
     with Image.open(written[0]) as image:
         assert image.size == (64, 64)  # 72 is not a multiple of 16: rounded down
-    assert any("FlowMatchEulerDiscrete steps" in line for line in lines), lines
+    assert any("FlowMatchEulerDiscrete steps, guidance 3.5" in line for line in lines), lines
 
 
 def test_a_4bit_base_holds_the_blocks_in_a_quarter_and_its_lora_trains_and_reloads(tmp_path,

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cleanup import remove
-from .config import TrainConfig, effective_lr
+from .config import TrainConfig
 from .errors import UserError
 from .intake import Example, Limits, input_path, looks_like_tar, member_problem, tar_members
 from .loop import LoopState
@@ -194,9 +194,10 @@ def check_resumable(meta: dict, config: TrainConfig, key: str, processes: int = 
     batches an epoch has left are split among them), naming what differs."""
     saved = dict(meta["config"])
     ours = config.to_dict()
-    # An unset learning rate means the default for the method: compare the rates in effect.
-    saved["learning_rate"] = effective_lr(saved.get("learning_rate"), saved.get("use_lora"))
-    ours["learning_rate"] = config.base_lr()
+    # Earlier releases saved an unset learning rate as None: it meant 1e-6, or 1e-4 for a LoRA
+    # (`config` is settled: families.settle gave it the family's defaults).
+    if saved.get("learning_rate") is None:
+        saved["learning_rate"] = 1e-4 if saved.get("use_lora") else 1e-6
     changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in ours.items()
                if name not in MAY_CHANGE and saved.get(name) != value]
     if changed:

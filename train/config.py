@@ -35,9 +35,8 @@ QUANTIZE_CHOICES = ["no", "nf4"]
 OUTPUT_FORMATS = ["auto", "diffusers", "single_file", "lora", "diffusers,single_file",
                   "diffusers,lora", "single_file,lora", "diffusers,single_file,lora"]
 SAVE_PRECISIONS = ["fp16", "bf16", "fp32"]
-# Learning rates when none is given: full fine-tuning moves every weight a little, a LoRA's
-# few weights need steps about 100 times larger.
-FULL_LR, LORA_LR = 1e-6, 1e-4
+# Some settings are unset (None) until the base model's family fills them in (families.settle,
+# each family module's DEFAULTS): resolution, max_train_steps, the guidance scales, learning_rate.
 MAX_CLASS_IMAGES = 10000  # for a run: num_class_images, or all its concepts' together
 # Where script/download-weights --eval puts the evaluation's feature models.
 DEFAULT_DINO, DEFAULT_CLIP = "weights/dino-vits16", "weights/clip-vit-base-patch32"
@@ -48,13 +47,6 @@ POLYNOMIAL_END_LR = 1e-7  # diffusers' default end of the polynomial schedule
 # prompts (each renders eval_images_per_prompt images).
 MAX_TEXT_CHARS, MAX_PROMPT_CHARS, MAX_EVAL_PROMPTS = 1 << 20, 1000, 200
 PROMPTS = ("instance_prompt", "class_prompt", "save_sample_prompt", "save_sample_negative_prompt")
-
-
-def effective_lr(learning_rate: float | None, use_lora: bool) -> float:
-    """The learning rate a setting means: the one given, else the default for the method."""
-    if learning_rate is not None:
-        return learning_rate
-    return LORA_LR if use_lora else FULL_LR
 
 
 def setting(default, help: str, *, ge=None, le=None, choices=None, cog: bool = True):
@@ -102,8 +94,10 @@ class TrainConfig:
         0.5, "With prior_source class_images+base_model: the weight of the class images' rows "
              "under prior_prompts (toward the base model's predictions), beside "
              "prior_loss_weight for the class images themselves", ge=0.0, le=1000.0)
-    class_guidance_scale: float = setting(
-        7.5, "Classifier-free guidance scale for the generated class images", ge=0.0, le=50.0)
+    class_guidance_scale: float | None = setting(
+        None, "Guidance scale for the generated class images (default: the family's: 7.5 for "
+              "SD 1.x/2.x/XL, 4.5 for SD 3.x, 3.5 for FLUX.1's distilled "
+              "guidance)", ge=0.0, le=50.0)
     class_infer_steps: int = setting(
         25, "Sampling steps for each generated class image", ge=1, le=1000)
     class_scheduler: str = setting(
@@ -131,14 +125,16 @@ class TrainConfig:
     save_sample_negative_prompt: str | None = setting(
         None, "Negative prompt for the sample images")
     n_save_sample: int = setting(4, "Number of sample images", ge=1, le=100)
-    save_guidance_scale: float = setting(
-        7.5, "Classifier-free guidance scale for the sample images", ge=0.0, le=50.0)
+    save_guidance_scale: float | None = setting(
+        None, "Guidance scale for the sample images (default: the family's, as "
+              "class_guidance_scale)", ge=0.0, le=50.0)
     save_infer_steps: int = setting(50, "Sampling steps for the sample images", ge=1, le=1000)
 
     # --- Data -------------------------------------------------------------------------------
-    resolution: int = setting(
-        512, "Training resolution in pixels (images are resized, then cropped square); a "
-             "multiple of 8", ge=64, le=2048)
+    resolution: int | None = setting(
+        None, "Training resolution in pixels (images are resized, then cropped square); a "
+              "multiple of 8 (16 for SD 3.x and FLUX.1; default: the family's: 512 for SD "
+              "1.x/2.x, 1024 for SDXL, SD 3.x and FLUX.1)", ge=64, le=2048)
     center_crop: bool = setting(
         False, "Crop the centre of each image; otherwise a random square crop, fixed per image "
                "by the seed")
@@ -160,9 +156,10 @@ class TrainConfig:
         4, "Images generated at once, for class images and samples", ge=1, le=64)
     num_train_epochs: int = setting(
         1, "Passes over the data; used only when max_train_steps is 0", ge=1, le=100000)
-    max_train_steps: int = setting(
-        2000, "Optimizer steps to train; overrides num_train_epochs (0 = train for "
-              "num_train_epochs)", ge=0, le=1000000)
+    max_train_steps: int | None = setting(
+        None, "Optimizer steps to train; overrides num_train_epochs (0 = train for "
+              "num_train_epochs; default: the family's: 2000 for SD 1.x/2.x/XL, 1000 for "
+              "SD 3.x and FLUX.1)", ge=0, le=1000000)
     gradient_accumulation_steps: int = setting(
         1, "Batches whose gradients are averaged into each optimizer step", ge=1, le=1024)
     gradient_checkpointing: bool = setting(
@@ -175,8 +172,9 @@ class TrainConfig:
               "tokenizer it uses")
     train_text_encoder: bool = setting(True, "Fine-tune the text encoder as well as the UNet")
     learning_rate: float | None = setting(
-        None, f"Learning rate before scale_lr (default {FULL_LR:g}, or {LORA_LR:g} with "
-              f"use_lora)", ge=0.0, le=1.0)
+        None, "Learning rate before scale_lr (default: the family's: 1e-6 for a full fine-tune "
+              "of SD 1.x/2.x/XL, 1e-5 for SD 3.x and FLUX.1; 1e-4 for any LoRA)",
+        ge=0.0, le=1.0)
     text_encoder_lr: float | None = setting(
         None, "Learning rate of the text encoder (default: learning_rate)", ge=0.0, le=1.0)
     text_encoder_steps: int = setting(
@@ -353,9 +351,10 @@ class TrainConfig:
             if getattr(self, name) >= 1:
                 raise UserError(f"{name} must be below 1 (got {getattr(self, name)}); "
                                 f"0.9 and 0.999 are the usual values")
-        if self.lr_scheduler == "polynomial" and self.base_lr() <= POLYNOMIAL_END_LR:
+        if self.lr_scheduler == "polynomial" and self.learning_rate is not None and \
+                self.learning_rate <= POLYNOMIAL_END_LR:  # every family's default is above it
             raise UserError(f"the polynomial schedule decays to {POLYNOMIAL_END_LR}: "
-                            f"learning_rate must be above that (got {self.base_lr()})")
+                            f"learning_rate must be above that (got {self.learning_rate})")
         formats = self.formats()
         if "lora" in formats and not self.use_lora and not self.extract_lora:
             raise UserError("output_format lora needs a LoRA: set use_lora to true, or "
@@ -381,7 +380,7 @@ class TrainConfig:
         if self.eval_prompts is not None and not self.eval_prompt_list():
             raise UserError("eval_prompts holds no prompt: give one a line, or leave it unset "
                             "for the paper's 25")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
                             f"try {self.resolution // 8 * 8}")
 
@@ -396,10 +395,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def base_lr(self) -> float:
-        """The learning rate before scale_lr: the user's, else the default for the method."""
-        return effective_lr(self.learning_rate, self.use_lora)
 
     def model_source(self) -> tuple[str, str | None, str]:
         """(the model to load, the diffusers folder giving a single file its configs, the

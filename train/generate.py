@@ -56,8 +56,9 @@ class GenerateConfig:
     # 25 DPM-Solver++ steps: the trainer measured them at least as accurate as the base
     # model's own sampler in 50 (its class_scheduler default), at half the time.
     num_inference_steps: int = setting(25, "Denoising steps", ge=1, le=500)
-    guidance_scale: float = setting(
-        7.5, "Classifier-free guidance scale: how closely the images follow the prompt",
+    guidance_scale: float | None = setting(
+        None, "Guidance scale: how closely the images follow the prompt (default: the "
+              "family's: 7.5 for SD 1.x/2.x/XL, 4.5 for SD 3.x, 3.5 for FLUX.1)",
         ge=0.0, le=50.0)
     scheduler: str = setting("DPMSolverMultistep", "Sampler", choices=list(SCHEDULERS))
     seed: int | None = setting(
@@ -99,10 +100,12 @@ def draw(pipe, config: GenerateConfig, log=print) -> list:
     # A flow-matching model draws with its own sampler whatever the setting (sampling.py).
     name = (config.scheduler if scheduler is not pipe.scheduler
             else type(scheduler).__name__.removesuffix("Scheduler"))
+    guidance = (config.guidance_scale if config.guidance_scale is not None
+                else families.get(families.of(pipe)).DEFAULTS["guidance_scale"])
     log(f"generating {config.num_outputs} image(s) of {size[0]}x{size[1]}, seed {seed}, "
-        f"{config.num_inference_steps} {name} steps")
+        f"{config.num_inference_steps} {name} steps, guidance {guidance:g}")
     return generate(pipe, config.prompt, config.num_outputs, batch_size=config.num_outputs,
-                    steps=config.num_inference_steps, guidance=config.guidance_scale, seed=seed,
+                    steps=config.num_inference_steps, guidance=guidance, seed=seed,
                     resolution=size, negative_prompt=config.negative_prompt, label="images",
                     scheduler=scheduler, log=log)
 

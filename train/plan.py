@@ -57,8 +57,8 @@ def make_plan(config: TrainConfig, concepts: list[Concept], instance: list,
         instance_images=len(instance),
         class_images=sum(n_cls for _, n_cls in counts),
         concepts=[dataclasses.asdict(c) for c in concepts],
-        learning_rate=config.base_lr() * (scale if config.scale_lr else 1),
-        text_encoder_lr=(config.base_lr() if config.text_encoder_lr is None
+        learning_rate=config.learning_rate * (scale if config.scale_lr else 1),
+        text_encoder_lr=(config.learning_rate if config.text_encoder_lr is None
                          else config.text_encoder_lr) * (scale if config.scale_lr else 1),
         # diffusers' "constant" ignores warm-up; lr_warmup_steps should do what it says.
         lr_scheduler=("constant_with_warmup" if config.lr_scheduler == "constant"

@@ -60,10 +60,16 @@ def run(config: TrainConfig, log=print) -> Path:
     check_writable(config.output, config.work_dir)
     timings = Timings()
 
-    intake = take_in(config, world)
+    # A model that cannot load is refused here, in ms; its family gives what was left unset.
+    kind = check_model(*config.model_source())
+    config, taken = families.settle(config, kind)
+    intake = take_in(config, world, kind)
     plan = make_plan(config, intake.concepts, intake.instance, world)
     for line in dataset_summary(config, intake, plan):
         log(line)
+    if taken:
+        log(f"{families.FAMILY_NAMES[kind]} defaults for what was not set: "
+            + ", ".join(f"{name} {value:g}" for name, value in taken.items()))
     timings.end("intake")
 
     # A fresh folder of our own (inside work_dir when given): removing it can lose nothing else.
@@ -122,9 +128,9 @@ class Intake:
     data_key: str | None         # identifies the images in checkpoints (None: no checkpoints)
 
 
-def take_in(config: TrainConfig, world: int) -> Intake:
+def take_in(config: TrainConfig, world: int, kind: str) -> Intake:
     """Read every archive and check every input the run depends on, before any model loads:
-    a user who sent a bad ZIP learns it in a second."""
+    a user who sent a bad ZIP learns it in a second. `kind` is the base model's family."""
     limits = Limits(max_files=config.max_archive_files, max_bytes=config.max_archive_mib << 20,
                     max_ratio=config.max_compression_ratio,
                     max_pixels=config.max_image_megapixels * 10**6)
@@ -156,8 +162,7 @@ def take_in(config: TrainConfig, world: int) -> Intake:
                                                    [c.folder for c in concepts], limits)
     if config.use_8bit_adam:
         bitsandbytes_adamw()
-    # A model that cannot load is refused here, in ms; then what its family cannot take.
-    families.check_settings(config, check_model(*config.model_source()))
+    families.check_settings(config, kind)  # what the model's family cannot take
     if config.evaluate:
         check_feature_models(config.eval_dino, config.eval_clip)
     if config.resume or config.checkpointing_steps:

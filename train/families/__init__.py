@@ -19,6 +19,9 @@ What a family module provides (see sd.py, the smallest):
                      attention sees the pads: trimming them changes every state)
     FROZEN_TEXT      text encoders that never train (T5)
     SIDE_MULTIPLE    what image sides must be a multiple of (8: the VAE; 16 with 2x2 patches)
+    DEFAULTS         what a run's unset settings take (settle): resolution, max_train_steps,
+                     guidance_scale (class images and samples), learning_rate (a full
+                     fine-tune's) and lora_learning_rate
     encode_text(text_encoders, ids) -> (hidden states, pooled embedding or None)
                      the denoiser's text conditioning from token ids (one tensor per encoder)
     denoise(unet, noisy, timesteps, states, pooled, time_ids) -> the denoiser's prediction
@@ -44,6 +47,7 @@ the SD-style key conversions these tables drive.
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 from ..errors import UserError
@@ -106,6 +110,19 @@ def text_encoders(pipe) -> list:
 
 def tokenizers(pipe) -> list:
     return [getattr(pipe, tokenizer) for _, tokenizer in get(of(pipe)).TEXT]
+
+
+def settle(config, kind: str):
+    """`config` (a TrainConfig) with the settings it leaves unset (None) at family `kind`'s
+    defaults, and the names and values of those it took."""
+    table = get(kind).DEFAULTS
+    defaults = dict(resolution=table["resolution"], max_train_steps=table["max_train_steps"],
+                    class_guidance_scale=table["guidance_scale"],
+                    save_guidance_scale=table["guidance_scale"],
+                    learning_rate=table["lora_learning_rate" if config.use_lora
+                                        else "learning_rate"])
+    taken = {name: value for name, value in defaults.items() if getattr(config, name) is None}
+    return dataclasses.replace(config, **taken), taken
 
 
 def check_settings(config, kind: str) -> None:

@@ -38,6 +38,10 @@ TEXT_LENGTHS = {"tokenizer_2": 512}  # the pipeline's max_sequence_length
 FIXED_LENGTH = True
 FROZEN_TEXT = ("text_encoder_2",)  # T5-XXL never trains; CLIP-L may
 TIME_IDS = False
+# What a run's unset settings take (families.settle): as sd3.DEFAULTS, with the pipeline's
+# distilled guidance 3.5 for class images and samples (training itself uses GUIDANCE).
+DEFAULTS = dict(resolution=1024, max_train_steps=1000, guidance_scale=3.5,
+                learning_rate=1e-5, lora_learning_rate=1e-4)
 UNUSED_TEXT_PARAMETERS = False  # the pooled output reads CLIP-L's last layer
 SIDE_MULTIPLE = 16  # 8x VAE, then 2x2 patches
 SINGLE_FILE_TEXT: dict = {}

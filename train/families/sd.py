@@ -23,6 +23,10 @@ FROZEN_TEXT = ()  # every text encoder may train
 SIDE_MULTIPLE = 8  # the VAE's downscaling
 TIME_IDS = False
 UNUSED_TEXT_PARAMETERS = False
+# What a run's unset settings take (families.settle). replicate/dreambooth's: 2000 steps at
+# 512 px, 1e-6 for a full fine-tune (a LoRA's few weights need steps about 100 times larger).
+DEFAULTS = dict(resolution=512, max_train_steps=2000, guidance_scale=7.5, learning_rate=1e-6,
+                lora_learning_rate=1e-4)
 # In a single-file checkpoint (the original repositories' layout): the text encoder's pipeline
 # attribute, its key prefix, and its layout (single_file.py converts: CLIP-L's for 1.x,
 # OpenCLIP's for 2.x).

@@ -34,6 +34,12 @@ FIXED_LENGTH = True
 # T5 never trains (4.9 B parameters, and no reference trains it); the CLIPs may.
 FROZEN_TEXT = ("text_encoder_3",)
 TIME_IDS = False
+# What a run's unset settings take (families.settle), from the references (README, Families):
+# SD 3.5 was trained at 1024 px; 1000 steps as replicate's and diffusers' FLUX/SD3 examples; CFG
+# 4.5 as Stability's sd3_infer.py for 3.5 Large; LoRA 1e-4 as diffusers, kohya and ai-toolkit;
+# a full fine-tune 1e-5 (the references' 1e-4 are for many images, not a few photos).
+DEFAULTS = dict(resolution=1024, max_train_steps=1000, guidance_scale=4.5,
+                learning_rate=1e-5, lora_learning_rate=1e-4)
 UNUSED_TEXT_PARAMETERS = False  # the pooled projections use both CLIPs' last layers
 SIDE_MULTIPLE = 16  # 8x VAE, then 2x2 patches
 SINGLE_FILE_TEXT: dict = {}

@@ -12,6 +12,7 @@ import torch
 from .ddpm import (draw_timesteps, loss_weights, noisy_and_target,  # noqa: F401
                    training_scheduler)
 
+from .sd import DEFAULTS as SD_DEFAULTS
 from .sd import SCALED_LINEAR, TINY_CLIP, TINY_VAE, clip_model, make_scheduler
 
 KINDS = ("sdxl",)
@@ -24,6 +25,7 @@ FIXED_LENGTH = False  # CLIP is causal: pads trimmed from the end change no stat
 FROZEN_TEXT = ()  # every text encoder may train
 SIDE_MULTIPLE = 8  # the VAE's downscaling
 TIME_IDS = True
+DEFAULTS = dict(SD_DEFAULTS, resolution=1024)  # SDXL was trained at 1024 px
 # The UNet reads the first encoder's penultimate layer: its last layer gets no gradient.
 UNUSED_TEXT_PARAMETERS = True
 # In a single-file checkpoint (SGM's layout): CLIP-L, then OpenCLIP bigG.
