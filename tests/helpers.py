@@ -165,6 +165,68 @@ def check_lora_files(out: Path, base, trained) -> None:
     assert_close(probe(pipe), trained)
 
 
+def check_extracted_lora(out: Path, base, tuned, tmp_path: Path) -> None:
+    """A transformer family's LoRA extracted (extract_lora, at a rank no changed matrix
+    exceeds) from a full fine-tune of `base` and its CLIP text encoders, whose untarred output
+    `out` holds the fine-tuned pipeline `tuned`:
+    - its two files are a trained LoRA's (add_lora on the transformer and the CLIPs, then
+      save_lora): the same keys, the ComfyUI file's tensors the same (every module at scale 1);
+    - each, loaded on a copy of `base` by diffusers, computes (probe: the CLIPs' states and
+      pooled output, the transformer's output) what `base` does with its LoRA target modules'
+      weights taken from `tuned`, to float rounding, which is nearer `tuned` than `base` is
+      (the fine-tune moved biases, norms, embeddings and other layers too: no LoRA carries
+      those);
+    - extracted at rank 2 instead, it misses more than at full rank, but still moves the base
+      toward the fine-tune."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from train import lora
+
+    family = families.get(families.of(base))
+    parts = [family.DENOISER] + [name for name in families.text_names(base)
+                                 if name not in family.FROZEN_TEXT]
+    trained = copy.deepcopy(base)  # a LoRA as the family trains one (untrained), for its names
+    for part in parts:
+        lora.add_lora(getattr(trained, part), 4, 4, part)
+    lora.save_lora(trained, tmp_path / "trained", torch.float32)
+    files = ("lora/pytorch_lora_weights.safetensors", "lora-comfyui.safetensors")
+    extracted, comfy = (load_file(out / name) for name in files)
+    assert extracted.keys() == load_file(tmp_path / "trained" / files[0]).keys()
+    assert comfy.keys() == load_file(tmp_path / "trained" / files[1]).keys()
+    assert all(torch.equal(comfy[k], extracted[k]) for k in extracted)
+    assert set(files) <= set(read_training_json(out)["files"])
+
+    reference = copy.deepcopy(base)  # what a LoRA of those modules can carry
+    for part in parts:
+        for path, module in getattr(trained, part).named_modules():
+            if isinstance(module, BaseTunerLayer):
+                getattr(reference, part).get_submodule(path).weight.data.copy_(
+                    getattr(tuned, part).get_submodule(path).weight)
+
+    def loaded(folder, **kwargs):
+        pipe = copy.deepcopy(base)
+        pipe.load_lora_weights(str(folder), **kwargs)
+        return probe(pipe)
+
+    want, before, fine_tune = probe(reference), probe(base), probe(tuned)
+    full = loaded(out / "lora")
+    assert_close(full, want, tol=1e-5)
+    assert_close(loaded(out, weight_name=files[1]), want, tol=1e-5)
+
+    weights = {part: getattr(base, part).state_dict() for part in parts}
+    lora.save_extracted(tuned, weights, 2, tmp_path / "rank-2", torch.float32)
+    low = loaded(tmp_path / "rank-2" / "lora")
+    for i in (1, 2):  # CLIP's pooled output, the transformer's
+        missed = [float((got[i] - want[i]).norm() / (before[i] - want[i]).norm())
+                  for got in (full, low)]
+        assert missed[0] < 1e-4 and 0.01 < missed[1] < 0.9, (i, missed)
+        # The fine-tune itself: nearer it than the base (at these widths the layers no LoRA
+        # covers are much of its effect on the transformer: the full-rank LoRA misses 0.6-0.8)
+        assert (full[i] - fine_tune[i]).norm() < (before[i] - fine_tune[i]).norm(), i
+
+
 def check_resume(tmp_path: Path, photos, settings: dict, weights: str) -> None:
     """A run resumed from its step-2 checkpoint ends with the `weights` file (a path in the
     output) bit-identical to the uninterrupted run's."""

@@ -19,8 +19,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import (FAST, assert_close, check_lora_files, check_resume, flow_step, probe,
-                     same_weights, train_tiny)
+from helpers import (FAST, assert_close, check_extracted_lora, check_lora_files, check_resume,
+                     flow_step, probe, same_weights, train_tiny)
 from train import TrainConfig, run
 from train.data import draw_batch, prepare, tokenize
 from train.errors import UserError
@@ -213,6 +213,16 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     for i in (1, 2):  # CLIP-L's pooled output, and the transformer
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
     check_lora_files(out, base, trained)
+
+
+def test_a_lora_extracted_from_a_full_fine_tune_is_a_trained_loras_files(tmp_path, photos,
+                                                                         base):
+    # Rank 64: above every trained matrix's rank (CLIP-L's are 32 and 64 wide, the
+    # transformer's 32 and 128).
+    out, _ = train_tiny(tmp_path, photos, "extract", **dict(
+        FLUX, learning_rate=1e-3, train_text_encoder=True, with_prior_preservation=False,
+        extract_lora=64))
+    check_extracted_lora(out, base, load(out), tmp_path)
 
 
 def test_resume_is_bit_identical(tmp_path, photos):

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import (FAST, assert_close, check_lora_files, check_resume, flow_step, probe,
-                     same_weights, train_tiny)
+from helpers import (FAST, assert_close, check_extracted_lora, check_lora_files, check_resume,
+                     flow_step, probe, same_weights, train_tiny)
 from train import TrainConfig, run
 from train.data import draw_batch, encode_images, prepare, tokenize
 from train.errors import UserError
@@ -195,6 +195,15 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     check_lora_files(out, base, trained)
 
 
+def test_a_lora_extracted_from_a_full_fine_tune_is_a_trained_loras_files(tmp_path, photos,
+                                                                         base):
+    # Rank 64: the widest matrices that train are CLIP-G's (64); the transformer's are 32.
+    out, _ = train_tiny(tmp_path, photos, "extract", **dict(
+        SD3, learning_rate=1e-3, train_text_encoder=True, with_prior_preservation=False,
+        extract_lora=64))
+    check_extracted_lora(out, base, load(out), tmp_path)
+
+
 def test_resume_is_bit_identical(tmp_path, photos):
     settings = dict(SD3, use_ema=True, offset_noise=0.1, flip_p=0.5,
                     gradient_checkpointing=True, prior_source="base_model",
@@ -206,7 +215,6 @@ def test_resume_is_bit_identical(tmp_path, photos):
 @pytest.mark.parametrize("setting, message", [
     (dict(resolution=72), "SD 3.x needs a resolution that is a multiple of 16"),
     (dict(snr_gamma=5.0), "snr_gamma .* is a DDPM weighting"),
-    (dict(extract_lora=8), "extract_lora is not available for SD 3.x"),
 ])
 def test_what_sd3_cannot_take_is_refused_before_loading(tmp_path, photos, setting, message):
     config = TrainConfig(**dict(SD3, instance_data=str(photos), output=str(tmp_path / "o.tar"),

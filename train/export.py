@@ -131,21 +131,12 @@ def export_formats(pipe, config, out: Path, base_weights: dict | None) -> list[s
     formats = config.formats()
     written = []
     if "lora" in formats:
-        if config.use_lora:
-            written += [str(p.relative_to(out)) for p in lora.save_lora(pipe, out, dtype).values()]
-        else:  # kohya layout only: AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read it
-            rank = config.extract_lora
-            extracted = {}
-            for kind, weights in base_weights.items():
-                # A full fine-tune moves the resnets too: extract them as well (kohya's LoCon).
-                targets = (lora.UNET_TARGETS + lora.UNET_RESNET_TARGETS if kind == "unet"
-                           else None)
-                extracted |= lora.extract_lora(weights, getattr(pipe, kind), rank, kind,
-                                               targets=targets, family=families.of(pipe))
-            lora.save_kohya(extracted, out / "lora.safetensors", dtype, lora.kohya_version(pipe),
-                            rank, rank, v_prediction=pipe.scheduler.config.get(
-                                "prediction_type") == "v_prediction")
-            written.append("lora.safetensors")
+        # The trained adapters, or one extracted from the full fine-tune (SD 1.x/2.x/SDXL: the
+        # kohya layout alone, which AUTOMATIC1111, ComfyUI and diffusers read; SD 3.x, FLUX:
+        # the two files of a trained LoRA).
+        files = (lora.save_lora(pipe, out, dtype) if config.use_lora else
+                 lora.save_extracted(pipe, base_weights, config.extract_lora, out, dtype))
+        written += [str(p.relative_to(out)) for p in files.values()]
     if config.use_lora and {"diffusers", "single_file"} & set(formats):
         lora.merge_lora(pipe)  # full weights with the adapters folded in
     if "single_file" in formats:

@@ -25,6 +25,9 @@ From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
     save_kohya(lora, path, torch.float16, base_model_version="sd_v1", rank=32, alpha=32)
     (SDXL: pass family="sdxl" to extract_lora, for kohya's SDXL names; see kohya_names)
     extraction_error(base, pipe.unet, lora, "unet", noisy, timesteps, states)  # 0 = exact
+    save_extracted(pipe, {"unet": base, "text_encoder": base_te}, 32, folder)
+        # what extract_lora=32 writes: SD 1.x/2.x/SDXL the kohya file (resnets too); SD 3.x and
+        # FLUX ({"transformer": ..., CLIPs}) save_lora's two files, a trained LoRA's names
 
 Targets (UNET_TARGETS, TEXT_TARGETS) are those of kohya's sd-scripts LoRA, the one A1111 and
 ComfyUI users know: every Linear and 1x1 conv inside the UNet's transformer blocks (attention
@@ -44,6 +47,7 @@ maps them with single_file's table, which diffusers' load_lora_weights maps back
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,12 +123,7 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
             # diffusers' convert_state_dict_to_diffusers as its DreamBooth script does: that
             # renames only the attention keys, and with feed-forward and proj_in/out adapters
             # the mixed file loads with the attention LoRA silently dropped.
-            state = get_peft_model_state_dict(model)
-            if type(model).__name__ == "CLIPTextModel":
-                # transformers 5 dropped CLIPTextModel's `text_model.` level; transformers 4 (and
-                # diffusers with it) finds the adapters only under it, and 5 accepts both.
-                state = {k if k.startswith("text_model.") else "text_model." + k: v
-                         for k, v in state.items()}
+            state = diffusers_keys(model, get_peft_model_state_dict(model))
             kwargs[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
             # Only the fields that shape the adapter: a full peft 0.21 config has fields that
             # older peft (what diffusers 0.35 users have) refuses to instantiate.
@@ -132,10 +131,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
             kwargs[f"{name}_lora_adapter_metadata"] = {k: config[k] for k in LORA_CONFIG_KEYS}
     if f"{denoiser}_lora_layers" not in kwargs:
         raise ValueError(f"the pipeline's {denoiser} has no LoRA adapter (see add_lora)")
-    type(pipe).save_lora_weights(folder / "lora", **kwargs)
-    written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
-    if family.KOHYA is None:  # SD 3.x, FLUX: ComfyUI reads diffusers' names, given alphas
-        written["comfyui"] = save_scaled(kwargs, folder / "lora-comfyui.safetensors")
+    written = save_diffusers_layout(pipe, kwargs, folder)
+    if family.KOHYA is None:
         return written
 
     lora = {}
@@ -149,13 +146,38 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     return written
 
 
+def diffusers_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's LoRA state dict (peft's names) with the key names diffusers' layout gives
+    them: transformers 5 dropped CLIPTextModel's `text_model.` level; transformers 4 (and
+    diffusers with it) finds the adapters only under it, and 5 accepts both."""
+    if type(model).__name__ != "CLIPTextModel":
+        return state
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+
+
+def save_diffusers_layout(pipe, kwargs: dict, folder: Path) -> dict[str, Path]:
+    """Write a LoRA given as the pipeline class's save_lora_weights takes it (per part,
+    `{part}_lora_layers` in peft's names and `{part}_lora_adapter_metadata`): "diffusers",
+    folder/lora/pytorch_lora_weights.safetensors, and for a family without a kohya layout
+    (SD 3.x, FLUX) "comfyui", folder/lora-comfyui.safetensors (ComfyUI reads diffusers' names,
+    given alphas: save_scaled). Returns {layout: path}."""
+    folder = Path(folder)
+    type(pipe).save_lora_weights(folder / "lora", **kwargs)
+    written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
+    if families.get(families.of(pipe)).KOHYA is None:
+        written["comfyui"] = save_scaled(kwargs, folder / "lora-comfyui.safetensors")
+    return written
+
+
 def save_scaled(kwargs: dict, path: Path) -> Path:
     """The LoRA of save_lora_weights' `kwargs` as one file of diffusers' key names, each up
     matrix (lora_B) times lora_alpha / r, so that a reader applying B @ A at scale 1 applies
     the trained change. ComfyUI maps SD 3.x's and FLUX's diffusers names onto its own fused
     weights (q, k, v and the MLP input each onto its rows) but reads no metadata, and scales by
     1 without `.alpha` tensors, which diffusers' SD 3 reader refuses; diffusers reads this file
-    as alpha = r, scale 1, too (`load_lora_weights(folder, weight_name=...)`)."""
+    as alpha = r, scale 1, too (`load_lora_weights(folder, weight_name=...)`). One scale per
+    part: rank_pattern and alpha_pattern are not read (an extracted LoRA's are equal: scale 1
+    throughout, as its r and lora_alpha)."""
     tensors = {}
     for name in [k.removesuffix("_lora_layers") for k in kwargs if k.endswith("_lora_layers")]:
         config = kwargs[f"{name}_lora_adapter_metadata"]
@@ -250,25 +272,16 @@ def save_kohya(lora: dict[str, torch.Tensor], path: Path, dtype: torch.dtype,
 
 
 @torch.no_grad()
-def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
-                 targets: tuple[str, ...] | None = None,
-                 family: str = "sd1") -> dict[str, torch.Tensor]:
-    """A kohya-layout LoRA of `rank` from a full fine-tune: per covered Linear/Conv2d, the
-    truncated SVD of (tuned weight - base[name + ".weight"]); convs (1x1 and 3x3) are flattened
-    to [out, in·kh·kw]. Modules whose difference is exactly zero are skipped; a rank above
-    min(out, in·kh·kw) is clipped to it; alpha = the module's rank, so the scale is 1. Runs in
-    fp32 on the module's device; the returned tensors are fp32 there (save_kohya casts).
-
-    Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
-    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `family` name
-    the modules as kohya_names does (an SDXL pipeline's parts: family="sdxl"). Pass
-    `targets=UNET_TARGETS + UNET_RESNET_TARGETS` to also cover the resnets (kohya's LoCon).
-    diffusers' kohya reader (0.42) tells old from new text-encoder layouts by the presence of
-    out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
-    there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
-    targets = TARGETS[kind] if targets is None else targets
-    names = kohya_names(tuned, kind, family)
-    out = {}
+def low_rank_deltas(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int,
+                    targets: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """A fine-tune's change of each covered Linear/Conv2d of `tuned` (those `targets` names,
+    as peft matches them) at `rank`, one module at a time: (module path, down, up), up @ down
+    the truncated SVD of (tuned weight - base[path + ".weight"]). down is [r, in] (a conv's
+    [r, in, kh, kw]), up [out, r] ([out, r, 1, 1]): the shapes of kohya's lora_down / lora_up
+    and of peft's lora_A / lora_B. Convs (1x1 and 3x3) are flattened to [out, in·kh·kw].
+    Modules whose difference is exactly zero are skipped; a rank above min(out, in·kh·kw) is
+    clipped to it (r = down.shape[0]). Runs in fp32 on the module's device; the tensors are
+    fp32 there."""
     for name, module in tuned.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or not _matches(name, targets):
             continue
@@ -285,11 +298,88 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
         up, down = u[:, :r] * root, root[:, None] * vh[:r]
         if delta.dim() == 4:
             up, down = up[:, :, None, None], down.reshape(r, *delta.shape[1:])
+        yield name, down.contiguous(), up.contiguous()
+
+
+def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
+                 targets: tuple[str, ...] | None = None,
+                 family: str = "sd1") -> dict[str, torch.Tensor]:
+    """A kohya-layout LoRA of `rank` from a full fine-tune (low_rank_deltas: per covered
+    Linear/Conv2d, the truncated SVD of tuned - base; unchanged modules skipped, the rank
+    clipped to the matrix's); alpha = the module's rank, so the scale is 1. fp32 tensors on
+    the model's device (save_kohya casts).
+
+    Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
+    TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `family` name
+    the modules as kohya_names does (an SDXL pipeline's parts: family="sdxl"). Pass
+    `targets=UNET_TARGETS + UNET_RESNET_TARGETS` to also cover the resnets (kohya's LoCon).
+    diffusers' kohya reader (0.42) tells old from new text-encoder layouts by the presence of
+    out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
+    there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
+    targets = TARGETS[kind] if targets is None else targets
+    names = kohya_names(tuned, kind, family)
+    out = {}
+    for name, down, up in low_rank_deltas(base, tuned, rank, targets):
         key = names[name]
-        out[key + ".lora_down.weight"] = down.contiguous()
-        out[key + ".lora_up.weight"] = up.contiguous()
-        out[key + ".alpha"] = torch.tensor(float(r))
+        out[key + ".lora_down.weight"] = down
+        out[key + ".lora_up.weight"] = up
+        out[key + ".alpha"] = torch.tensor(float(down.shape[0]))
     return out
+
+
+def extract_peft(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
+                 dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+    """The LoRA of `rank` extracted from a full fine-tune of `tuned` (a transformer, or a CLIP
+    text encoder: `kind` is its pipeline attribute) as save_lora collects a trained adapter of
+    add_lora's targets: (its layers in `dtype`, `{path}.lora_A.weight` [r, in] and
+    `.lora_B.weight` [out, r], under diffusers_keys' names; its adapter config, for
+    save_lora_weights' metadata). The config makes every module's scale 1: r = lora_alpha =
+    `rank`, and a module clipped to a lower rank (low_rank_deltas) has that rank as both its
+    rank_pattern and alpha_pattern; target_modules lists the modules extracted (a module the
+    fine-tune left unchanged has no adapter). The patterns and targets are module paths
+    without `text_model.`, which peft matches as suffixes under either transformers' CLIP."""
+    layers, ranks = {}, {}
+    for name, down, up in low_rank_deltas(base, tuned, rank, TARGETS[kind]):
+        layers[f"{name}.lora_A.weight"] = down.to("cpu", dtype)
+        layers[f"{name}.lora_B.weight"] = up.to("cpu", dtype)
+        ranks[name.removeprefix("text_model.")] = down.shape[0]
+    lower = {name: r for name, r in ranks.items() if r != rank}
+    config = dict(r=rank, lora_alpha=rank, target_modules=sorted(ranks), init_lora_weights=True,
+                  rank_pattern=lower, alpha_pattern=dict(lower))
+    return diffusers_keys(tuned, layers), config
+
+
+def save_extracted(pipe, base_weights: dict[str, dict[str, torch.Tensor]], rank: int,
+                   folder: Path, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
+    """extract_lora's files: a LoRA of `rank` extracted from the pipeline's full fine-tune,
+    `base_weights` being the weights before training by pipeline attribute (optim.base_weights:
+    the denoiser's, and the text encoders' that trained), written in `dtype` in the layouts
+    save_lora gives a trained LoRA of the family:
+      SD 1.x/2.x, SDXL  "kohya": folder/lora.safetensors (extract_lora), the UNet's resnets
+                        included (kohya's LoCon): a full fine-tune moves them too.
+      SD 3.x, FLUX      "diffusers" and "comfyui": folder/lora/pytorch_lora_weights.safetensors
+                        and folder/lora-comfyui.safetensors, add_lora's targets under a trained
+                        LoRA's names (extract_peft), every module at scale 1.
+    A LoRA carries only its targets' weight changes: the fine-tune's biases, norms, embeddings
+    and other layers stay the base's. Returns {layout: path}."""
+    folder = Path(folder)
+    kind = families.of(pipe)
+    if families.get(kind).KOHYA is None:
+        kwargs = {}
+        for name, weights in base_weights.items():
+            layers, config = extract_peft(weights, getattr(pipe, name), rank, name, dtype)
+            if layers:  # a part the fine-tune left unchanged has no LoRA
+                kwargs[f"{name}_lora_layers"] = layers
+                kwargs[f"{name}_lora_adapter_metadata"] = config
+        return save_diffusers_layout(pipe, kwargs, folder)
+    lora = {}
+    for name, weights in base_weights.items():
+        targets = UNET_TARGETS + UNET_RESNET_TARGETS if name == "unet" else None
+        lora |= extract_lora(weights, getattr(pipe, name), rank, name, targets=targets,
+                             family=kind)
+    path = save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe), rank, rank,
+                      v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
+    return {"kohya": path}
 
 
 @torch.no_grad()

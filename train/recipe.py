@@ -330,14 +330,14 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     text_names = families.text_names(pipe)
     name, denoiser = family.DENOISER, families.denoiser(pipe)
     text_encoders = families.text_encoders(pipe)
-    before = (base_weights(pipe, [name, *text_names], config) if config.extract_lora
+    # The text encoders that may train (not T5: FROZEN_TEXT), by pipeline attribute.
+    trained = {n: e for n, e in zip(text_names, text_encoders) if n not in family.FROZEN_TEXT}
+    before = (base_weights(pipe, [name, *trained], config) if config.extract_lora
               else None)
     # A full fine-tune's base-model prior needs the denoiser as it was; a LoRA's is the same
     # network with its adapters off.
     base_denoiser = (frozen_copy(denoiser, model.dtype) if config.base_model_prior()
                      and not config.use_lora else None)
-    # The text encoders that may train (not T5: FROZEN_TEXT), by pipeline attribute.
-    trained = {n: e for n, e in zip(text_names, text_encoders) if n not in family.FROZEN_TEXT}
     unet_params, text_params = mark_trainable(denoiser, name, trained, config)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -134,10 +134,7 @@ def check_settings(config, kind: str) -> None:
                         f"{config.resolution}); try {config.resolution // side * side}")
     if family.DENOISER == "unet":
         return
-    # The flow-matching families: what their objective or the exporters do not have yet.
+    # The flow-matching families: what their objective does not take.
     if config.snr_gamma > 0:
         raise UserError(f"snr_gamma (min-SNR weighting) is a DDPM weighting; {name} is "
                         f"trained by flow matching: set snr_gamma to 0")
-    if config.extract_lora:
-        raise UserError(f"extract_lora is not available for {name} yet: train with use_lora "
-                        f"instead, or set extract_lora to 0")
