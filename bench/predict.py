@@ -12,7 +12,8 @@ by torch's FlopCounterMode; gradient checkpointing's recomputation is not counte
   the VAE in fp32 and the text encoders that stay on the GPU (frozen ones are parked in CPU
   memory while the denoiser trains: train/recipe.py);
 - gradients and AdamW's two moments in fp32 for every trainable parameter (8-bit AdamW: one
-  byte a moment);
+  byte a moment); with fsdp these and the trained weights are an eighth each (one node of 8
+  GPUs), plus two blocks gathered whole in bf16;
 - activations: the tensors autograd saves in the forward, counted with saved-tensor hooks in
   bf16 (what autocast computes in), and with gradient checkpointing each block's input plus the
   largest block's own (recomputed one block at a time in the backward).
@@ -24,8 +25,13 @@ from __future__ import annotations
 
 import torch
 
+from train import sharding
+
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor spec sheets): the floor a step's FLOPs imply.
 PEAKS = {"H100 SXM": 989.4, "H200": 989.4}
+
+
+FSDP_PROCESSES = 8  # a sharded run's memory is predicted for one node of 8 GPUs
 
 
 def _step_inputs(pipe, family, config):
@@ -116,8 +122,11 @@ def _saved_bytes(run) -> tuple[int, list[int], list[int]]:
     return saved[0], [end - start for start, end, _ in marks], [size for _, _, size in marks]
 
 
-def step_memory(config) -> dict:
-    """GiB of GPU memory one training step of `config` holds, by part (see the module doc)."""
+def step_memory(config, processes: int = 1) -> dict:
+    """GiB of GPU memory one training step of `config` holds, by part (see the module doc), in
+    each of `processes` processes: with fsdp the trained weights, their gradients and AdamW's
+    state are split among them, and two blocks at a time are gathered whole in bf16 (the one
+    running and the next, prefetched)."""
     from train import families
 
     lora_base = config.use_lora and config.mixed_precision != "no"
@@ -133,8 +142,12 @@ def step_memory(config) -> dict:
                if type(m) is torch.nn.Linear and not m.weight.requires_grad}
     quantized = sum(m.weight.numel() for m in linears.values()) \
         if config.quantize_base != "no" else 0
+    shards = processes if config.fsdp else 1
+    units = [sum(p.numel() for p in unit.parameters() if p.requires_grad)
+             for module in (denoiser, *trained.values()) for unit in sharding.units(module)]
+    gathered = 2 * max(units) * 2 if shards > 1 else 0
     weights = ((frozen - quantized) * (2 if lora_base else 4) + quantized * (0.5 + 4 / 64)
-               + n_train * 4) / gib
+               + n_train * 4 / shards + gathered) / gib
     # Text encoders that train run every step, and so do the frozen ones beside them (nothing
     # is cached); all frozen, they wait in CPU memory while the denoiser trains.
     text_gib = sum(p.numel() * (4 if p.requires_grad or not lora_base else 2)
@@ -176,15 +189,16 @@ def step_memory(config) -> dict:
     checkpointed = total - inside + sum(inputs[i] for i in outer) + max(own[i] for i in outer)
     activations = (checkpointed if config.gradient_checkpointing else total) / gib
     parts = {"weights": weights, "text_encoders": text_gib, "vae": vae_gib,
-             "gradients": n_train * 4 / gib, "optimizer": n_train * adam / gib,
+             "gradients": n_train * 4 / shards / gib, "optimizer": n_train * adam / shards / gib,
              "activations": activations}
-    return dict(parts, total=sum(parts.values()), trainable=n_train, frozen=frozen)
+    return dict(parts, total=sum(parts.values()), trainable=n_train, frozen=frozen,
+                processes=shards)
 
 
 def predict(config) -> dict:
     """The step's FLOPs, the floor time they imply on each GPU of PEAKS, and its memory."""
     flops = step_flops(config)
     memory = {k: round(v, 2) if isinstance(v, float) else v
-              for k, v in step_memory(config).items()}
+              for k, v in step_memory(config, FSDP_PROCESSES if config.fsdp else 1).items()}
     return dict(flops_per_step=flops, memory_gib=memory,
                 floor_s={gpu: round(flops / (peak * 1e12), 3) for gpu, peak in PEAKS.items()})

@@ -82,6 +82,12 @@ NAMED = {
         model="random-flux-dev", resolution=1024, num_class_images=8, train_text_encoder=False,
         use_lora=True, learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True,
         quantize_base="nf4"), "flux-dev-lora-1024 with the base's blocks in NF4 (24 GB cards)"),
+    # A full fine-tune of FLUX.1 [dev] sharded across a node's 8 GPUs (predicted only: one GPU
+    # cannot run it), the text encoders frozen and parked as for a LoRA.
+    "flux-dev-full-fsdp-1024": ("cuda", dict(
+        model="random-flux-dev", resolution=1024, num_class_images=8, train_text_encoder=False,
+        learning_rate=1e-5, mixed_precision="bf16", gradient_checkpointing=True, fsdp=True),
+        "FLUX.1 [dev] size, 1024 px, full fine-tune in bf16 sharded (fsdp) across 8 GPUs"),
     # The goal: a whole default run (800 steps, 200 class images) in under a minute.
     "sd15-default-run": ("cuda", dict(model="random-sd15", resolution=512, num_class_images=200,
                                       max_train_steps=800, learning_rate=None),

@@ -216,6 +216,14 @@ def test_predicted_memory_follows_what_trains_and_how(tmp_path):
         assert quantized["weights"] < 0.6 * lora["weights"]
         parts = ("weights", "text_encoders", "vae", "gradients", "optimizer", "activations")
         assert full["total"] == pytest.approx(sum(full[p] for p in parts))
+        # fsdp on 8 processes: an eighth of the trained weights, gradients and AdamW each,
+        # and two blocks gathered whole in bf16
+        sharded = step_memory(base.__class__(**dict(base.to_dict(), model=model,
+                                                    mixed_precision="bf16", fsdp=True)), 8)
+        assert sharded["processes"] == 8 and sharded["activations"] == full["activations"]
+        for part in ("gradients", "optimizer"):
+            assert sharded[part] == pytest.approx(full[part] / 8)
+        assert full["weights"] / 8 < sharded["weights"] < full["weights"]
     row = predict(base.__class__(**dict(base.to_dict(), model="tiny-flux")))
     assert row["flops_per_step"] > 0
     assert row["floor_s"]["H100 SXM"] == round(row["flops_per_step"] / 989.4e12, 3)

@@ -115,6 +115,13 @@ def test_cli_booleans_take_a_value():
     (dict(concepts="[" * (2 << 20)), "concepts is 2097152 characters long; at most 1048576"),
     (dict(concepts='[{"instance_data": "a", "class_prompt": "%s"}]' % ("y" * 2000)),
      "concept 1: class_prompt is 2000 characters long"),
+    # What a sharded run does not take (yet), each with its way out.
+    (dict(fsdp=True, use_lora=True), "fsdp shards a full fine-tune; a LoRA's adapters fit"),
+    (dict(fsdp=True, use_ema=True), "use_ema keeps a whole copy of the weights"),
+    (dict(fsdp=True, mixed_precision="fp16"), "fsdp trains in bf16 or fp32, not fp16"),
+    (dict(fsdp=True, sample_every=5, save_sample_prompt="x"), "set sample_every to 0"),
+    (dict(fsdp=True, checkpointing_steps=10), "checkpoints of a sharded"),
+    (dict(fsdp=True, resume="ckpt"), "checkpoints of a sharded"),
 ])
 def test_bad_values_are_refused_with_a_reason(overrides, message):
     with pytest.raises(UserError, match=message):

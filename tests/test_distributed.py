@@ -5,6 +5,7 @@ the processes itself.
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -61,15 +62,18 @@ def test_a_config_goes_through_the_command_line_unchanged(tmp_path):
 # encoders are wrapped by DDP.
 PRIORS = [dict(prior_source=source, prior_prompts="a photo of a ball on grass")
           for source in ("class_images+base_model", "base_model")]
+# With fsdp the trained models (FLUX's transformer and CLIP-L) are sharded, not copied.
 CASES = [dict(model="tiny", **PRIORS[0]), dict(model="tiny", **PRIORS[1]),
-         dict(model="tiny-flux", **PRIORS[1])]
+         dict(model="tiny-flux", **PRIORS[1]), dict(model="tiny-flux", fsdp=True, **PRIORS[1])]
 
 
-@pytest.mark.parametrize("prior", CASES, ids=lambda c: f"{c['model']}-{c['prior_source']}")
+@pytest.mark.parametrize("prior", CASES, ids=lambda c: f"{c['model']}-{c['prior_source']}"
+                         + ("-fsdp" if c.get("fsdp") else ""))
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_zip, prior):
     """2 processes x train_batch_size 1 against 1 process x 2: the same batches, class images,
     noise and timesteps; only the order of floating-point sums differs."""
-    flags = [x for k, v in prior.items() for x in ("--" + k.replace("_", "-"), v)]
+    flags = [x for k, v in prior.items()
+             for x in ("--" + k.replace("_", "-"), str(v).lower() if v is True else v)]
     child = torchrun(RUN[2:] + flags + [
         "--instance-data", str(photos_zip), "--max-train-steps", "4",
         "--output", str(tmp_path / "two.tar"), "--work-dir", str(tmp_path / "work")], tmp_path)
@@ -84,7 +88,16 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_
     assert "x 2 processes" in log
     record = read_training_json(two)
     weights = record["processes"]["weights"]
-    assert record["processes"]["count"] == 2 and len(weights) == 2 and weights[0] == weights[1]
+    if prior.get("fsdp"):  # each process held half the trained weights, rank 0 gathered them
+        assert record["processes"]["sharded"] == ["text_encoder", "transformer"]
+        assert "fsdp: the transformer, text_encoder sharded across 2 processes" in log
+        assert "view tensor" not in log and len(weights) == 1
+        held, total = (int(n.replace(",", "")) for n in re.search(
+            r"processes: ([\d,]+) of the ([\d,]+) trained", log).groups())
+        assert total / 2 <= held < total / 2 + 1000, (held, total)  # half, and padding
+    else:
+        assert record["processes"]["count"] == 2 and len(weights) == 2
+        assert weights[0] == weights[1] and record["processes"]["sharded"] == []
     assert record["plan"]["effective_batch"] == 2
     assert [c["file"] for c in record["dataset"]["class"]["used"]] == \
         [c["file"] for c in read_training_json(one)["dataset"]["class"]["used"]]

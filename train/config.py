@@ -230,6 +230,13 @@ class TrainConfig:
               "6.6, for 24 GB cards. Writes the LoRA only (output_format lora)",
         choices=QUANTIZE_CHOICES)
 
+    fsdp: bool = setting(
+        False, "With several processes (GPUs): shard the weights that train, their gradients and "
+               "AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a "
+               "full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB "
+               "with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, "
+               "sample_every or checkpoints yet")
+
     # --- Output -----------------------------------------------------------------------------
     output_format: str = setting(
         "auto", "What to write: diffusers (a folder diffusers loads), single_file (one "
@@ -367,6 +374,8 @@ class TrainConfig:
             raise UserError("quantize_base writes the LoRA only: its 4-bit base cannot take "
                             "the adapters merged in; set output_format to lora (load it on the "
                             "base model), or quantize_base to no")
+        if self.fsdp:
+            self.check_fsdp()
         if self.extract_lora and self.use_lora:
             raise UserError("extract_lora extracts a LoRA from a full fine-tune; with use_lora "
                             "the trained LoRA itself is written: set extract_lora to 0")
@@ -383,6 +392,24 @@ class TrainConfig:
         if self.resolution is not None and self.resolution % 8:
             raise UserError(f"resolution must be a multiple of 8 (got {self.resolution}); "
                             f"try {self.resolution // 8 * 8}")
+
+    def check_fsdp(self) -> None:
+        """Refuse what a sharded run does not take (yet)."""
+        if self.use_lora:
+            raise UserError("fsdp shards a full fine-tune; a LoRA's adapters fit one GPU (several "
+                            "processes still share its batches): set fsdp to false")
+        if self.use_ema:
+            raise UserError("use_ema keeps a whole copy of the weights, which fsdp shards: set "
+                            "use_ema or fsdp to false")
+        if self.mixed_precision == "fp16":
+            raise UserError("fsdp trains in bf16 or fp32, not fp16 (its loss scaling is not "
+                            "sharded): set mixed_precision to bf16 or auto")
+        if self.sample_every:
+            raise UserError("sample_every renders from the model mid-run, which fsdp holds in "
+                            "shards: set sample_every to 0 (samples are rendered at the end)")
+        if self.checkpointing_steps or self.resume:
+            raise UserError("checkpoints of a sharded (fsdp) run are not written or read yet: "
+                            "set checkpointing_steps to 0 and leave resume out, or fsdp to false")
 
     def class_images(self) -> bool:
         """Whether the run trains on class images (prior preservation from class images)."""

@@ -110,6 +110,7 @@ class Training:
     base_weights: dict | None    # the weights before training, for extract_lora
     base_denoiser: object = None  # the frozen base denoiser of a full fine-tune's base prior
     denoiser_name: str = "unet"  # its pipeline attribute: the prefix of its trainable names
+    shards: dict = field(default_factory=dict)  # fsdp: sharded model's attribute -> its class
 
     @property
     def ema_names(self) -> list[str]:

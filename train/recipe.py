@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from . import checkpoint, distributed, families
+from . import checkpoint, distributed, families, sharding
 from .card import base_model_id, file_uses, model_card
 from .cleanup import remove, remove_leftovers
 from .config import Concept, TrainConfig, concepts_of
@@ -93,7 +93,7 @@ def run(config: TrainConfig, log=print) -> Path:
             timings.end("probe")
         data = cache(config, intake, model)
         timings.end("cache")
-        training = prepare_training(config, plan, model)
+        training = prepare_training(config, plan, model, log)
         out = work / "output" if model.main else None
         state, scored = train_with_checkpoints(config, plan, intake, model, data, training,
                                                generated, baseline, work, out, log)
@@ -210,6 +210,9 @@ def load(config: TrainConfig, work: Path | None, log) -> Model:
     torch.manual_seed(config.seed)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(config.mixed_precision, cuda)
+    if config.fsdp and precision == "fp16":  # "auto" on a GPU without bf16
+        raise UserError("fsdp trains in bf16 or fp32, and this GPU has no bf16: set "
+                        "mixed_precision to no, or fsdp to false")
     if cuda:  # TF32 for the fp32 matmuls mixed precision leaves (latent caching); none when
         # the user asked for full fp32. set_float32_matmul_precision, not fp32_precision: torch
         # refuses a mix of that new API with the allow_tf32 flags accelerate sets.
@@ -323,9 +326,9 @@ def prior_prompt_lists(config: TrainConfig, intake: Intake) -> list[list[str]] |
             for ex in intake.instance]
 
 
-def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
-    """Mark what trains (every weight, or LoRA adapters), build the optimizer and schedules,
-    and hand the models to accelerate."""
+def prepare_training(config: TrainConfig, plan: Plan, model: Model, log) -> Training:
+    """Mark what trains (every weight, or LoRA adapters), shard it with fsdp, build the
+    optimizer and schedules, and hand the models to accelerate."""
     pipe, accelerator, family = model.pipe, model.accelerator, model.family
     text_names = families.text_names(pipe)
     name, denoiser = family.DENOISER, families.denoiser(pipe)
@@ -344,11 +347,27 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
         if config.train_text_encoder:
             for text_encoder in trained.values():
                 text_encoder.activation_checkpointing_enable()  # transformers 5 name
+    shards = {}
+    if config.fsdp and accelerator.num_processes > 1:
+        # Sharded before the optimizer is built: FSDP replaces the parameters.
+        parts = {name: denoiser} | (trained if config.train_text_encoder else {})
+        classes = sharding.shard(list(parts.values()), accelerator.device,
+                                 model.dtype if model.precision == "bf16" else None)
+        shards = dict(zip(parts, classes))
+        unet_params = [p for p in denoiser.parameters() if p.requires_grad]
+        text_params = [p for part, module in parts.items() if part != name
+                       for p in module.parameters() if p.requires_grad]
+        held = sum(p.to_local().numel() for p in unet_params + text_params)
+        total = sum(p.numel() for p in unet_params + text_params)
+        log(f"fsdp: the {', '.join(parts)} sharded across {accelerator.num_processes} "
+            f"processes: {held:,} of the {total:,} trained parameters in each")
     optimizer = make_optimizer(config, unet_params, text_params, plan.learning_rate,
                                plan.text_encoder_lr)
     lr_scheduler = lr_schedule(config, plan.lr_scheduler, plan.steps, optimizer)
     noise_scheduler = family.training_scheduler(pipe.scheduler.config)
-    if config.train_text_encoder:
+    if shards:  # accelerate takes the optimizer only: the models are FSDP's, not DDP's
+        optimizer = accelerator.prepare(optimizer)
+    elif config.train_text_encoder:
         denoiser, *prepared, optimizer = accelerator.prepare(denoiser, *trained.values(),
                                                              optimizer)
         trained = dict(zip(trained, prepared))
@@ -362,7 +381,8 @@ def prepare_training(config: TrainConfig, plan: Plan, model: Model) -> Training:
     ema = ({n: p.detach().float().clone() for n, p in trainable.items()
             if n.startswith(name + ".")} if config.use_ema else None)
     return Training(denoiser, text_encoders, optimizer, lr_scheduler, noise_scheduler,
-                    unet_params + text_params, trainable, ema, before, base_denoiser, name)
+                    unet_params + text_params, trainable, ema, before, base_denoiser, name,
+                    shards)
 
 
 def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, model: Model,
@@ -480,8 +500,17 @@ def finish_training(model: Model, training: Training) -> list[str]:
         with torch.no_grad():
             for name in training.ema_names:
                 training.trainable[name].copy_(training.ema[name])
-    # DDP keeps the processes' weights identical; say so only after checking it.
-    agreed = distributed.all_gather([distributed.fingerprint(training.trainable)])
+    if training.shards:  # the full weights, gathered into plain models on rank 0
+        plain = {part: sharding.unsharded(getattr(pipe, part), cls, accelerator.device)
+                 for part, cls in training.shards.items()}
+        agreed = []
+        if model.main:
+            for part, module in plain.items():
+                setattr(pipe, part, module.eval())
+            agreed = [distributed.fingerprint({f"{part}.{n}": p for part, module in plain.items()
+                                               for n, p in module.named_parameters()})]
+    else:  # DDP keeps the processes' weights identical; say so only after checking it.
+        agreed = distributed.all_gather([distributed.fingerprint(training.trainable)])
     if len(set(agreed)) > 1:
         raise RuntimeError(f"the {len(agreed)} training processes ended with different weights "
                            f"({agreed}): a bug, please report it")
@@ -525,7 +554,8 @@ def write_outputs(config, plan, intake, model, training, state, scored, baseline
         "base_model": base,
         "plan": dataclasses.asdict(plan),
         "device": str(model.accelerator.device),
-        "processes": {"count": model.accelerator.num_processes, "weights": agreed},
+        "processes": {"count": model.accelerator.num_processes, "weights": agreed,
+                      "sharded": sorted(training.shards)},
         "mixed_precision": model.precision,
         "versions": versions(),
         "timings": timings.seconds,

@@ -1,0 +1,77 @@
+"""Sharded training (the `fsdp` setting): the weights that train, their gradients and AdamW's
+state split across the processes with torch's FSDP2 (`fully_shard`), for a full fine-tune too
+large for one GPU (FLUX.1's 12 B parameters take about 180 GiB with AdamW in fp32).
+
+    units = shard([transformer, text_encoder], device, param_dtype=torch.bfloat16)
+    ...build the optimizer over the (new) parameters, train...
+    plain = unsharded(transformer, units[0], device)   # every process calls; rank 0 gets it
+
+Each repeated block (the items of a model's outermost ModuleLists: FLUX's double- and
+single-stream blocks, SD 3's joint blocks, a UNet's down and up blocks, CLIP's layers) is one
+FSDP unit, gathered just before it runs and freed after it; the rest of each model is one more
+unit. Gradients are averaged across processes as DDP averages them, so N processes train as one
+with N times the batch. Works over gloo on CPU as over NCCL on GPUs, which is how the tests run
+it. The recipe calls shard() before the optimizer is built (FSDP replaces the parameters) and
+unsharded() after training, so that rank 0 samples, evaluates and exports a plain model.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The items of `model`'s outermost ModuleLists: its repeated blocks."""
+    found = []
+    for child in model.children():
+        found += list(child) if isinstance(child, nn.ModuleList) else units(child)
+    return found
+
+
+def shard(models: list[nn.Module], device: torch.device,
+          param_dtype: torch.dtype | None = None) -> list[type]:
+    """Shard each model across every process (all must call, with the same models), in place;
+    returns their classes as they were, for unsharded(). With `param_dtype` (bf16) the
+    gathered weights are cast to it for the forward and backward passes; the shards, the
+    gradients' averaging and AdamW stay in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # diffusers' blocks return slices of one tensor, which FSDP warns an in-place op could
+    # spoil; nothing after them writes in place (a test compares a sharded run with one process).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    classes = []
+    for model in models:
+        classes.append(type(model))
+        for block in units(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    return classes
+
+
+def unsharded(model: nn.Module, cls: type, device: torch.device) -> nn.Module | None:
+    """A plain `cls` with the sharded `model`'s full weights, on rank 0 (on `device`); None on
+    the other ranks. Every process must call it: the weights are gathered from all of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if dist.get_rank():
+        return None
+    # Built on the meta device (no memory), then given the gathered tensors as they are.
+    with torch.device("meta"):
+        plain = cls.from_config(model.config) if hasattr(cls, "from_config") else cls(model.config)
+    plain.load_state_dict(state, assign=True)
+    # Buffers outside the state dict (non-persistent: CLIP's position ids) were never sharded.
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = plain.get_submodule(owner)
+        if module._buffers[leaf].is_meta:
+            module._buffers[leaf] = buffer.detach().clone()
+    return plain.requires_grad_(False).to(device)
