@@ -257,7 +257,7 @@ class Predictor(BasePredictor):
             description="With use_lora: hold the frozen denoiser's block weights in 4 bits (nf4, bitsandbytes; QLoRA), a quarter of bf16's memory: FLUX.1's 22 GiB become about 6.6, for 24 GB cards. Writes the LoRA only (output_format lora)"),
         fsdp: bool = Input(
             default=False,
-            description="With several processes (GPUs): shard the weights that train, their gradients and AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, sample_every or checkpoints yet"),
+            description="With several processes (GPUs): shard the weights that train, their gradients and AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, sample_every or evaluate with checkpoints yet"),
         # End of what script/schema writes.
     ) -> Path:
         """Train DreamBooth on the photos in instance_data; returns a tarball of weights."""
@@ -460,7 +460,7 @@ class Predictor(BasePredictor):
             description="With use_lora: hold the frozen denoiser's block weights in 4 bits (nf4, bitsandbytes; QLoRA), a quarter of bf16's memory: FLUX.1's 22 GiB become about 6.6, for 24 GB cards. Writes the LoRA only (output_format lora)"),
         fsdp: bool = Input(
             default=False,
-            description="With several processes (GPUs): shard the weights that train, their gradients and AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, sample_every or checkpoints yet"),
+            description="With several processes (GPUs): shard the weights that train, their gradients and AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, sample_every or evaluate with checkpoints yet"),
         # End of what script/schema writes.
     ) -> TrainingOutput:
         """The same training through Cog's training API (`train:` in generate.yaml): Replicate

@@ -120,8 +120,7 @@ def test_cli_booleans_take_a_value():
     (dict(fsdp=True, use_ema=True), "use_ema keeps a whole copy of the weights"),
     (dict(fsdp=True, mixed_precision="fp16"), "fsdp trains in bf16 or fp32, not fp16"),
     (dict(fsdp=True, sample_every=5, save_sample_prompt="x"), "set sample_every to 0"),
-    (dict(fsdp=True, checkpointing_steps=10), "checkpoints of a sharded"),
-    (dict(fsdp=True, resume="ckpt"), "checkpoints of a sharded"),
+    (dict(fsdp=True, checkpointing_steps=10, evaluate=True), "evaluate scores each checkpoint"),
 ])
 def test_bad_values_are_refused_with_a_reason(overrides, message):
     with pytest.raises(UserError, match=message):

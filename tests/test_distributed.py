@@ -157,6 +157,38 @@ def test_a_killed_process_fails_the_run_cleanly_and_it_resumes(tmp_path, photos_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_sharded_run_checkpoints_whole_weights_and_resumes_bit_identical(tmp_path, photos_zip):
+    """fsdp on tiny-flux (transformer and CLIP-L sharded): its checkpoint holds every weight and
+    AdamW moment whole, as an unsharded run's does, and a run resumed from it on two processes
+    ends exactly where the uninterrupted one does."""
+    args = ["--model", "tiny-flux", *RUN[2:], "--instance-data", str(photos_zip), "--fsdp",
+            "true", "--checkpointing-steps", "2", "--max-train-steps", "4",
+            "--work-dir", str(tmp_path / "work")]
+    logs = []
+    for name, extra in (("straight", []),
+                        ("resumed", ["--resume", str(tmp_path / "straight-ckpt" / "step-000002")])):
+        child = torchrun(args + extra + ["--checkpoint-dir", str(tmp_path / f"{name}-ckpt"),
+                                         "--output", str(tmp_path / f"{name}.tar")], tmp_path)
+        logs.append(child.communicate(timeout=600)[0])
+        assert child.returncode == 0, logs[-1]
+    assert "resume:" in logs[1] and "from step 2" in logs[1]
+    step2 = tmp_path / "straight-ckpt" / "step-000002"
+    weights = load_file(step2 / "trainable.safetensors")
+    start = build_builtin("tiny-flux")
+    assert weights["transformer.x_embedder.weight"].shape == \
+        start.transformer.x_embedder.weight.shape
+    assert len(weights) == len(list(start.transformer.parameters())) + len(
+        list(start.text_encoder.parameters()))
+    moments = torch.load(step2 / "optimizer.pt", weights_only=True)["state"]
+    assert sorted(tuple(m[k].shape) for m in moments.values() for k in ("exp_avg", "exp_avg_sq")) \
+        == sorted(tuple(t.shape) for t in weights.values() for _ in range(2))
+    for part in ("transformer", "text_encoder"):
+        a, b = (load_file(untar(tmp_path / f"{name}.tar", tmp_path / name) / part
+                          / ("diffusion_pytorch_model.safetensors" if part == "transformer"
+                             else "model.safetensors")) for name in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_resume_on_another_number_of_processes_is_refused(photos_zip):
     config = TrainConfig(**FAST, instance_data=str(photos_zip), instance_prompt="a photo of sks "
                          "ball", class_prompt="a photo of a ball", output="o.tar")

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import sharding
 from .cleanup import remove
 from .config import TrainConfig
 from .errors import UserError
@@ -67,10 +68,11 @@ def data_key(examples) -> str:
     return digest.hexdigest()[:16]
 
 
-def save(root: Path, *, state: LoopState, trainable: dict, optimizer, lr_scheduler, scaler,
-         ema: dict | None, config: TrainConfig, key: str, files: dict[str, bytes],
+def save(root: Path, *, state: LoopState, trainable: dict, optimizer_state: dict, lr_scheduler,
+         scaler, ema: dict | None, config: TrainConfig, key: str, files: dict[str, bytes],
          limit: int, processes: int = 1) -> Path:
     """Write checkpoint `root/step-N` atomically and keep only the latest `limit` (0 = all).
+    `trainable` and `optimizer_state` are whole (a sharded run gathers them first: sharding.py);
     `files` are extra files by relative path (class images, samples)."""
     final = root / f"step-{state.step:06d}"
     partial = root / f"step-{state.step:06d}.partial"
@@ -82,7 +84,7 @@ def save(root: Path, *, state: LoopState, trainable: dict, optimizer, lr_schedul
         if ema is not None:
             save_file({name: t.cpu().contiguous() for name, t in ema.items()},
                       partial / "ema.safetensors")
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(optimizer_state, partial / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), partial / "scheduler.pt")
         torch.save(state.generator.get_state(), partial / "generator.pt")
         if scaler is not None:
@@ -216,9 +218,10 @@ def check_resumable(meta: dict, config: TrainConfig, key: str, processes: int = 
 
 def restore(folder: Path, *, trainable: dict, optimizer, lr_scheduler, scaler,
             ema: dict | None) -> LoopState:
-    """Load a checkpoint into the live objects; returns the loop state to continue from. A
-    checkpoint that does not fit this model, or holds more than tensors (a pickled object, which
-    torch.load(weights_only=True) refuses to run), is a UserError."""
+    """Load a checkpoint into the live objects (sharded ones take their shard of each tensor);
+    returns the loop state to continue from. A checkpoint that does not fit this model, or
+    holds more than tensors (a pickled object, which torch.load(weights_only=True) refuses to
+    run), is a UserError."""
     meta = json.loads((folder / "state.json").read_text())
     weights = _tensors(folder / "trainable.safetensors")
     wrong = [n for n, p in trainable.items() if n in weights and weights[n].shape != p.shape]
@@ -230,11 +233,12 @@ def restore(folder: Path, *, trainable: dict, optimizer, lr_scheduler, scaler,
                         + "): resume with the base model it was made with")
     with torch.no_grad():
         for name, p in trainable.items():
-            p.copy_(weights[name])
+            p.copy_(sharding.like(p, weights[name]))
         if ema is not None:
             for name, t in _tensors(folder / "ema.safetensors").items():
                 ema[name].copy_(t)
-    optimizer.load_state_dict(_state(folder / "optimizer.pt"))
+    optimizer.load_state_dict(sharding.sharded_optimizer_state(optimizer,
+                                                               _state(folder / "optimizer.pt")))
     lr_scheduler.load_state_dict(_state(folder / "scheduler.pt"))
     if scaler is not None:
         scaler.load_state_dict(_state(folder / "scaler.pt"))

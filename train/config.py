@@ -235,7 +235,7 @@ class TrainConfig:
                "AdamW's state across them (torch's FSDP) instead of a whole copy in each, for a "
                "full fine-tune too large for one GPU (FLUX.1: 12 B parameters, about 180 GiB "
                "with AdamW: about 23 GiB a GPU on 8). Not with use_lora, use_ema, fp16, "
-               "sample_every or checkpoints yet")
+               "sample_every or evaluate with checkpoints yet")
 
     # --- Output -----------------------------------------------------------------------------
     output_format: str = setting(
@@ -407,9 +407,10 @@ class TrainConfig:
         if self.sample_every:
             raise UserError("sample_every renders from the model mid-run, which fsdp holds in "
                             "shards: set sample_every to 0 (samples are rendered at the end)")
-        if self.checkpointing_steps or self.resume:
-            raise UserError("checkpoints of a sharded (fsdp) run are not written or read yet: "
-                            "set checkpointing_steps to 0 and leave resume out, or fsdp to false")
+        if self.evaluate and self.checkpointing_steps:
+            raise UserError("evaluate scores each checkpoint from the model mid-run, which fsdp "
+                            "holds in shards: set checkpointing_steps to 0 (the end is scored), "
+                            "or evaluate to false")
 
     def class_images(self) -> bool:
         """Whether the run trains on class images (prior preservation from class images)."""

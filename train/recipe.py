@@ -430,9 +430,15 @@ def train_with_checkpoints(config: TrainConfig, plan: Plan, intake: Intake, mode
                 with model.half():
                     render_samples(model.pipe, config, out / "samples" / f"step-{state.step:06d}",
                                    log)
-            if ckpt_root and state.step % config.checkpointing_steps == 0:
-                save_checkpoint(config, plan, intake, model, training, state, scored, baseline,
-                                ckpt_root, class_pngs, work, out, log)
+            if config.checkpointing_steps and state.step % config.checkpointing_steps == 0:
+                # Every process takes part: a sharded run's weights and moments are gathered.
+                whole = ((sharding.full_tensors(training.trainable),
+                          sharding.full_optimizer_state(training.optimizer))
+                         if training.shards else
+                         (training.trainable, training.optimizer.state_dict()))
+                if ckpt_root:
+                    save_checkpoint(config, plan, intake, model, training, state, scored,
+                                    baseline, ckpt_root, class_pngs, work, out, whole, log)
     except Diverged as e:
         kept = checkpoint.complete(ckpt_root) if ckpt_root else []
         hint = (f"; the last good checkpoint is kept: resume from {kept[-1]} with a lower "
@@ -462,9 +468,10 @@ def text_encoders_parked(model: Model, frozen: bool):
 
 
 def save_checkpoint(config, plan, intake, model, training, state, scored, baseline, ckpt_root,
-                    class_pngs, work, out, log) -> None:
-    """Save the whole training state at this step, with the samples so far and, with evaluate,
-    this step's scores (added to `scored`)."""
+                    class_pngs, work, out, whole, log) -> None:
+    """Save the whole training state at this step (`whole`: the trainable weights and the
+    optimizer's state, gathered if sharded), with the samples so far and, with evaluate, this
+    step's scores (added to `scored`)."""
     files = class_pngs | {f"samples/{p.relative_to(out / 'samples')}": p.read_bytes()
                           for p in (out / "samples").rglob("*.png")}
     # The last step's model is scored once, after training (with EMA, if on).
@@ -479,8 +486,8 @@ def save_checkpoint(config, plan, intake, model, training, state, scored, baseli
         shutil.rmtree(folder)
     if config.evaluate:
         files["evaluations.json"] = json.dumps(scored).encode()
-    saved = checkpoint.save(ckpt_root, state=state, trainable=training.trainable,
-                            optimizer=training.optimizer, lr_scheduler=training.lr_scheduler,
+    saved = checkpoint.save(ckpt_root, state=state, trainable=whole[0],
+                            optimizer_state=whole[1], lr_scheduler=training.lr_scheduler,
                             scaler=model.accelerator.scaler, ema=training.ema, config=config,
                             key=intake.data_key, files=files,
                             limit=config.checkpoints_total_limit,

@@ -75,3 +75,42 @@ def unsharded(model: nn.Module, cls: type, device: torch.device) -> nn.Module | 
         if module._buffers[leaf].is_meta:
             module._buffers[leaf] = buffer.detach().clone()
     return plain.requires_grad_(False).to(device)
+
+
+def full_tensors(named: dict) -> dict:
+    """`named` tensors with every sharded one (DTensor) gathered whole, on the CPU. Every process
+    must call it, with the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+            for name, t in named.items()}
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """The optimizer's state_dict with its sharded moments gathered whole: the same file an
+    unsharded run writes. Every process must call it."""
+    state = optimizer.state_dict()
+    state["state"] = {pid: full_tensors(entry) for pid, entry in state["state"].items()}
+    return state
+
+
+def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` as `param` holds it: this process's shard of it when `param` is sharded (every
+    process holds `full`, read from the same checkpoint, so nothing is sent)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
+                             param.placements, src_data_rank=None)
+
+
+def sharded_optimizer_state(optimizer, state: dict) -> dict:
+    """A full optimizer state_dict (full_optimizer_state's) made to fit `optimizer`'s sharded
+    parameters: each moment cut as its parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = dict(state)
+    state["state"] = {pid: {k: like(params[int(pid)], v) if v.shape == params[int(pid)].shape
+                            else v for k, v in entry.items()}
+                      for pid, entry in state["state"].items()}
+    return state
