@@ -62,7 +62,8 @@ def test_a_config_goes_through_the_command_line_unchanged(tmp_path):
 # encoders are wrapped by DDP.
 PRIORS = [dict(prior_source=source, prior_prompts="a photo of a ball on grass")
           for source in ("class_images+base_model", "base_model")]
-# With fsdp the trained models (FLUX's transformer and CLIP-L) are sharded, not copied.
+# With fsdp the trained models (FLUX's transformer and CLIP-L) are sharded, not copied; that
+# run also checkpoints at step 2, and resumes from there.
 CASES = [dict(model="tiny", **PRIORS[0]), dict(model="tiny", **PRIORS[1]),
          dict(model="tiny-flux", **PRIORS[1]), dict(model="tiny-flux", fsdp=True, **PRIORS[1])]
 
@@ -74,11 +75,17 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, photos_
     noise and timesteps; only the order of floating-point sums differs."""
     flags = [x for k, v in prior.items()
              for x in ("--" + k.replace("_", "-"), str(v).lower() if v is True else v)]
+    ckpt = ["--checkpointing-steps", "2", "--checkpoint-dir", str(tmp_path / "two-ckpt")]
     child = torchrun(RUN[2:] + flags + [
         "--instance-data", str(photos_zip), "--max-train-steps", "4",
-        "--output", str(tmp_path / "two.tar"), "--work-dir", str(tmp_path / "work")], tmp_path)
+        "--output", str(tmp_path / "two.tar"), "--work-dir", str(tmp_path / "work")]
+        + (ckpt if prior.get("fsdp") else []), tmp_path)
     log = child.communicate(timeout=600)[0]
     assert child.returncode == 0, log
+    if prior.get("fsdp"):
+        check_sharded_checkpoint(tmp_path, RUN[2:] + flags + [
+            "--instance-data", str(photos_zip), "--max-train-steps", "4",
+            "--work-dir", str(tmp_path / "work")])
     one, _ = train_tiny(tmp_path, photos_zip, name="one", num_class_images=3,
                         save_precision="fp32", train_batch_size=2, **prior)
     two = untar(tmp_path / "two.tar", tmp_path / "two")
@@ -157,22 +164,17 @@ def test_a_killed_process_fails_the_run_cleanly_and_it_resumes(tmp_path, photos_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_sharded_run_checkpoints_whole_weights_and_resumes_bit_identical(tmp_path, photos_zip):
-    """fsdp on tiny-flux (transformer and CLIP-L sharded): its checkpoint holds every weight and
-    AdamW moment whole, as an unsharded run's does, and a run resumed from it on two processes
-    ends exactly where the uninterrupted one does."""
-    args = ["--model", "tiny-flux", *RUN[2:], "--instance-data", str(photos_zip), "--fsdp",
-            "true", "--checkpointing-steps", "2", "--max-train-steps", "4",
-            "--work-dir", str(tmp_path / "work")]
-    logs = []
-    for name, extra in (("straight", []),
-                        ("resumed", ["--resume", str(tmp_path / "straight-ckpt" / "step-000002")])):
-        child = torchrun(args + extra + ["--checkpoint-dir", str(tmp_path / f"{name}-ckpt"),
-                                         "--output", str(tmp_path / f"{name}.tar")], tmp_path)
-        logs.append(child.communicate(timeout=600)[0])
-        assert child.returncode == 0, logs[-1]
-    assert "resume:" in logs[1] and "from step 2" in logs[1]
-    step2 = tmp_path / "straight-ckpt" / "step-000002"
+def check_sharded_checkpoint(tmp_path, args: list[str]) -> None:
+    """A sharded run's checkpoint (tmp_path/two-ckpt, its run's tarball two.tar) holds every
+    weight and AdamW moment whole, as an unsharded run's does, and a run resumed from it on two
+    processes ends exactly where the uninterrupted one did."""
+    step2 = tmp_path / "two-ckpt" / "step-000002"
+    child = torchrun(args + ["--resume", str(step2), "--checkpoint-dir", str(tmp_path / "c2"),
+                             "--checkpointing-steps", "2", "--output",
+                             str(tmp_path / "resumed.tar")], tmp_path)
+    log = child.communicate(timeout=600)[0]
+    assert child.returncode == 0, log
+    assert "resume:" in log and "from step 2" in log
     weights = load_file(step2 / "trainable.safetensors")
     start = build_builtin("tiny-flux")
     assert weights["transformer.x_embedder.weight"].shape == \
@@ -182,10 +184,9 @@ def test_a_sharded_run_checkpoints_whole_weights_and_resumes_bit_identical(tmp_p
     moments = torch.load(step2 / "optimizer.pt", weights_only=True)["state"]
     assert sorted(tuple(m[k].shape) for m in moments.values() for k in ("exp_avg", "exp_avg_sq")) \
         == sorted(tuple(t.shape) for t in weights.values() for _ in range(2))
-    for part in ("transformer", "text_encoder"):
-        a, b = (load_file(untar(tmp_path / f"{name}.tar", tmp_path / name) / part
-                          / ("diffusion_pytorch_model.safetensors" if part == "transformer"
-                             else "model.safetensors")) for name in ("straight", "resumed"))
+    for part, file in (("transformer", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a, b = (load_file(untar(tmp_path / f"{name}.tar", tmp_path / f"{name}-{part}") / part
+                          / f"{file}.safetensors") for name in ("two", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 

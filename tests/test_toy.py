@@ -42,41 +42,42 @@ def test_toy_follows_prompts():
 
 
 REDUCED = dict(n_per_background=4, n_class=16, num_class_images=16)
+# PRES (the share of plain class samples showing the subject) of the same run without prior
+# preservation: 0.88 reduced (seed 0), 0.81-0.95 over three seeds in the full benchmark
+# (QUALITY.md); that run is not repeated here. A recipe that keeps the class apart stays well
+# below it: the default 0.38 reduced, the chosen recipe 0.12.
+PRES_CEILING = 0.6
 
 
 @pytest.fixture(scope="module")
-def reduced_runs():
-    """The default recipe and the same without prior preservation, at equal steps, on fewer
-    class images and samples than the full benchmark."""
-    return (toy_bench.bench_variant("default", **REDUCED),
-            toy_bench.bench_variant("no_prior", **REDUCED))
+def default_run():
+    """The default recipe, on fewer class images and samples than the full benchmark."""
+    return toy_bench.bench_variant("default", **REDUCED)
 
 
-def test_dreambooth_learns_the_subject(reduced_runs):
-    with_prior, _ = reduced_runs
-    assert with_prior["subject_fidelity"] >= 0.5, with_prior
-    assert with_prior["prompt_fidelity"] >= 0.5, with_prior
+def test_dreambooth_learns_the_subject(default_run):
+    assert default_run["subject_fidelity"] >= 0.5, default_run
+    assert default_run["prompt_fidelity"] >= 0.5, default_run
 
 
-def test_prior_preservation_keeps_the_class_apart_from_the_subject(reduced_runs):
-    with_prior, without = reduced_runs
-    assert with_prior["pres"] < without["pres"], (with_prior, without)
+def test_prior_preservation_keeps_the_class_apart_from_the_subject(default_run):
+    assert default_run["pres"] <= PRES_CEILING, default_run
 
 
-def test_the_base_models_contexts_on_class_images_keep_the_world(reduced_runs):
+def test_the_base_models_contexts_on_class_images_keep_the_world(default_run):
     """QUALITY.md's chosen recipe, reduced: class images of the bare class, each also kept by
     the base model's predictions for the world's other contexts (prior_source
     class_images+base_model, prior_prompts), keep the world's prompts (seen and held-out
     combinations) far better than the default, still learn the subject, and keep the class
     apart from it. Measured here: world 0.77 against 0.59, subject 0.50 (8 of 16 samples),
     PRES 0.12 (full benchmark, 3 seeds: world 0.86 against 0.60, subject 0.85, PRES 0.02)."""
-    default, without = reduced_runs
     chosen = toy_bench.bench_variant("class_base_world_1_0.5", **REDUCED)
     kept = (chosen["world"] + chosen["world_held_out"]) / 2
-    assert kept >= (default["world"] + default["world_held_out"]) / 2 + 0.1, (chosen, default)
+    assert kept >= (default_run["world"] + default_run["world_held_out"]) / 2 + 0.1, \
+        (chosen, default_run)
     # 16 class images instead of 50 hold the subject back more than in the full benchmark
     assert chosen["subject_fidelity"] >= 0.4 and chosen["prompt_fidelity"] >= 0.5, chosen
-    assert chosen["pres"] < without["pres"], (chosen, without)
+    assert chosen["pres"] <= PRES_CEILING, chosen
 
 
 def test_the_quickstart_writes_photos_the_trainer_reads_and_draws_a_contact_sheet(tmp_path):
