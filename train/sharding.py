@@ -13,6 +13,9 @@ unit. Gradients are averaged across processes as DDP averages them, so N process
 with N times the batch. Works over gloo on CPU as over NCCL on GPUs, which is how the tests run
 it. The recipe calls shard() before the optimizer is built (FSDP replaces the parameters) and
 unsharded() after training, so that rank 0 samples, evaluates and exports a plain model.
+Checkpoints gather the shards (full_tensors, full_optimizer_state): they are the files an
+unsharded run writes; a sharded run resuming takes its shard of each tensor (like,
+sharded_optimizer_state).
 """
 
 from __future__ import annotations
