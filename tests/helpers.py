@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import tarfile
 import warnings
@@ -147,22 +148,82 @@ def flow_step(pipe, family, seed: int = 7):
     return state.history[0]["instance_loss"], data, latents, noise, generator
 
 
-def check_lora_files(out: Path, base, trained) -> None:
-    """A transformer family's two LoRA files (rank 4, alpha 16) reload on a copy of `base` to
-    the `trained` outputs (probe): diffusers' layout, and ComfyUI's (the same names, the up
-    matrices times alpha / r = 4, which a reader ignoring alpha then applies right)."""
+KOHYA_KEY = re.compile(r"lora_(unet|te1|te2)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
+
+
+def apply_kohya_file(original: dict, lora: dict, prefix: str = "") -> dict:
+    """`original` (weights in the original layout: transformer_file's) with the `lora_unet_`
+    modules of a kohya-layout LoRA applied as ComfyUI and Forge apply one: each module found by
+    its name in a map made from the weights' own keys (`lora_unet_` + the key without `prefix`
+    and `.weight`, `.` -> `_`), its weight + alpha / rank · up @ down (rank: down's rows; alpha
+    the rank when absent). fp32; a module that maps to no weight is a KeyError."""
+    names = {"lora_unet_" + key[len(prefix):-len(".weight")].replace(".", "_"): key
+             for key in original if key.endswith(".weight")}
+    out = {key: value.float() for key, value in original.items()}
+    for module in {key.split(".")[0] for key in lora if key.startswith("lora_unet_")}:
+        down = lora[module + ".lora_down.weight"].float()
+        up = lora[module + ".lora_up.weight"].float()
+        alpha = float(lora.get(module + ".alpha", down.shape[0]))
+        key = names[module]
+        out[key] = out[key] + alpha / down.shape[0] * (up @ down)
+    return out
+
+
+def check_kohya_file(folder: Path, base, tuned, tol: float = 1e-5) -> dict:
+    """A transformer family's (SD 3.x, FLUX) `folder/lora.safetensors`: every key a kohya
+    `lora_unet_*` / `lora_te1_*` / `lora_te2_*` with `.lora_down.weight`, `.lora_up.weight` and
+    `.alpha`; applied as ComfyUI and Forge apply it (apply_kohya_file) to the base's
+    transformer.safetensors (save_transformer_file), it gives `tuned`'s (the weights the LoRA
+    stands for: a trained LoRA merged), and applied to the base's CLIPs (lora.apply_kohya, as
+    the webuis do) `tuned`'s CLIPs, each within `tol`. Returns the file's tensors."""
+    import copy
+
+    from train import lora as lora_module
+    from train.transformer_file import PREFIX, save_transformer_file
+
+    kind = families.of(base)
+    lora = load_file(folder / "lora.safetensors")
+    assert lora and all(KOHYA_KEY.fullmatch(key) for key in lora), \
+        [key for key in lora if not KOHYA_KEY.fullmatch(key)][:3]
+    modules = {key.split(".")[0] for key in lora}
+    assert all(f"{m}.{s}" in lora for m in modules
+               for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    files = folder / "original"
+    files.mkdir(exist_ok=True)
+    for name, pipe in (("base", base), ("tuned", tuned)):
+        save_transformer_file(pipe, files / f"{name}.safetensors", torch.float32)
+    want = load_file(files / "tuned.safetensors")
+    got = apply_kohya_file(load_file(files / "base.safetensors"), lora, PREFIX[kind])
+    assert got.keys() == want.keys()
+    assert_close([got[k] for k in want], list(want.values()), tol=tol)
+    for name in families.text_names(base):
+        prefix = families.get(kind).KOHYA["prefixes"].get(name)
+        if prefix and any(key.startswith(prefix) for key in lora):
+            model = copy.deepcopy(getattr(base, name))
+            lora_module.apply_kohya(model, lora, name, family=kind)
+            want = getattr(tuned, name).state_dict()
+            got = model.state_dict()
+            assert_close([got[k] for k in want], list(want.values()), tol=tol)
+    return lora
+
+
+def check_lora_files(out: Path, base, tuned, trained) -> None:
+    """A transformer family's two LoRA files (rank 4, alpha 16), from a run whose output `out`
+    also holds the pipeline with the LoRA merged, `tuned` (its probe: `trained`): diffusers'
+    layout reloads on a copy of `base` to the `trained` outputs; the kohya layout
+    (check_kohya_file) is that merged pipeline's change to the original layout's weights, each
+    fused module's rank the sum of its parts' at scale 1, the others' 4 at alpha 16."""
     import copy
 
     pipe = copy.deepcopy(base)
     pipe.load_lora_weights(str(out / "lora"))
     assert_close(probe(pipe), trained)
-    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
-    comfy = load_file(out / "lora-comfyui.safetensors")
-    assert comfy.keys() == lora.keys()
-    assert all(torch.equal(comfy[k], lora[k] * (4.0 if ".lora_B." in k else 1.0)) for k in lora)
-    pipe = copy.deepcopy(base)
-    pipe.load_lora_weights(str(out), weight_name="lora-comfyui.safetensors")
-    assert_close(probe(pipe), trained)
+    lora = check_kohya_file(out, base, tuned)
+    for module in {key.split(".")[0] for key in lora}:
+        rank, alpha = lora[module + ".lora_down.weight"].shape[0], float(lora[module + ".alpha"])
+        fused = module.endswith(("_qkv", "_linear1"))
+        assert (rank, alpha) == ((rank, rank) if fused else (4, 16.0)), (module, rank, alpha)
+        assert rank == (16 if module.endswith("linear1") else 12 if fused else 4), module
 
 
 def check_extracted_lora(out: Path, base, tuned, tmp_path: Path) -> None:
@@ -170,12 +231,13 @@ def check_extracted_lora(out: Path, base, tuned, tmp_path: Path) -> None:
     exceeds) from a full fine-tune of `base` and its CLIP text encoders, whose untarred output
     `out` holds the fine-tuned pipeline `tuned`:
     - its two files are a trained LoRA's (add_lora on the transformer and the CLIPs, then
-      save_lora): the same keys, the ComfyUI file's tensors the same (every module at scale 1);
-    - each, loaded on a copy of `base` by diffusers, computes (probe: the CLIPs' states and
-      pooled output, the transformer's output) what `base` does with its LoRA target modules'
-      weights taken from `tuned`, to float rounding, which is nearer `tuned` than `base` is
-      (the fine-tune moved biases, norms, embeddings and other layers too: no LoRA carries
-      those);
+      save_lora): the same keys in each layout;
+    - diffusers' layout, loaded on a copy of `base` by diffusers, computes (probe: the CLIPs'
+      states and pooled output, the transformer's output) what `base` does with its LoRA
+      target modules' weights taken from `tuned`, to float rounding, which is nearer `tuned`
+      than `base` is (the fine-tune moved biases, norms, embeddings and other layers too: no
+      LoRA carries those); the kohya layout is those weights, on the original layout's fused
+      modules and the CLIPs (check_kohya_file);
     - extracted at rank 2 instead, it misses more than at full rank, but still moves the base
       toward the fine-tune."""
     import copy
@@ -191,11 +253,9 @@ def check_extracted_lora(out: Path, base, tuned, tmp_path: Path) -> None:
     for part in parts:
         lora.add_lora(getattr(trained, part), 4, 4, part)
     lora.save_lora(trained, tmp_path / "trained", torch.float32)
-    files = ("lora/pytorch_lora_weights.safetensors", "lora-comfyui.safetensors")
-    extracted, comfy = (load_file(out / name) for name in files)
-    assert extracted.keys() == load_file(tmp_path / "trained" / files[0]).keys()
-    assert comfy.keys() == load_file(tmp_path / "trained" / files[1]).keys()
-    assert all(torch.equal(comfy[k], extracted[k]) for k in extracted)
+    files = ("lora/pytorch_lora_weights.safetensors", "lora.safetensors")
+    for name in files:
+        assert load_file(out / name).keys() == load_file(tmp_path / "trained" / name).keys()
     assert set(files) <= set(read_training_json(out)["files"])
 
     reference = copy.deepcopy(base)  # what a LoRA of those modules can carry
@@ -213,7 +273,7 @@ def check_extracted_lora(out: Path, base, tuned, tmp_path: Path) -> None:
     want, before, fine_tune = probe(reference), probe(base), probe(tuned)
     full = loaded(out / "lora")
     assert_close(full, want, tol=1e-5)
-    assert_close(loaded(out, weight_name=files[1]), want, tol=1e-5)
+    check_kohya_file(out, base, reference)
 
     weights = {part: getattr(base, part).state_dict() for part in parts}
     lora.save_extracted(tuned, weights, 2, tmp_path / "rank-2", torch.float32)

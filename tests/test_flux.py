@@ -208,11 +208,65 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
             "transformer.single_transformer_blocks.1.proj_mlp"} <= names
     assert any(k.startswith("text_encoder.") for k in lora)
     assert not any(k.startswith("text_encoder_2.") for k in lora)
-    trained = probe(load(out))  # the folder holds the adapters merged
-    before = probe(base)
+    tuned = load(out)  # the folder holds the adapters merged
+    trained, before = probe(tuned), probe(base)
     for i in (1, 2):  # CLIP-L's pooled output, and the transformer
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
-    check_lora_files(out, base, trained)
+    check_lora_files(out, base, tuned, trained)
+    # kohya's FLUX names, BFL's modules: q/k/v fused, a single block's linear1 (q, k, v, MLP in)
+    kohya = {k.split(".")[0] for k in load_file(out / "lora.safetensors")}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_mlp_2",
+            "lora_unet_single_blocks_1_linear1",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= kohya
+
+
+def test_diffusers_reads_the_kohya_lora_at_flux1s_width(tmp_path, base):
+    """diffusers reads lora.safetensors (load_lora_weights(folder, weight_name=...)): every
+    module it loads, of the transformer and of CLIP-L, carries the trained change, alpha / r ·
+    B @ A. Its reader splits a single block's linear1 at FLUX.1's own widths (3 x 3072 +
+    12288; at tiny-flux's it fails an assertion), so the check runs at that width: one block
+    of each kind, fp32, its base weights left uninitialised (only the adapters are compared)."""
+    import gc
+
+    from diffusers import FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    from train.lora import ADAPTER, add_lora, save_lora
+
+    def pipeline():
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=128,
+                pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+        return FluxPipeline(transformer=transformer.to_empty(device="cpu"),
+                            scheduler=base.scheduler, vae=base.vae,
+                            text_encoder=copy.deepcopy(base.text_encoder),
+                            tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
+                            tokenizer_2=base.tokenizer_2)
+
+    def changes(pipe, adapter):
+        return {f"{part}.{path}": layer.scaling[adapter] * layer.lora_B[adapter].weight.float()
+                @ layer.lora_A[adapter].weight.float()
+                for part in ("transformer", "text_encoder")
+                for path, layer in getattr(pipe, part).named_modules()
+                if isinstance(layer, LoraLayer) and adapter in layer.lora_A}
+
+    pipe, g = pipeline(), torch.Generator().manual_seed(0)
+    for part in ("transformer", "text_encoder"):
+        add_lora(getattr(pipe, part), 4, 16, part)
+        for name, weight in getattr(pipe, part).named_parameters():
+            if "lora_B" in name:
+                weight.data = torch.randn(weight.shape, generator=g) * 0.01
+    save_lora(pipe, tmp_path, torch.float32)
+    want = changes(pipe, ADAPTER)
+    del pipe
+    gc.collect()
+    pipe = pipeline()
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="kohya")
+    got = changes(pipe, "kohya")
+    assert got.keys() == want.keys() and len(want) == 16 + 12  # transformer, CLIP-L modules
+    assert_close([got[k] for k in want], list(want.values()), tol=1e-6)
 
 
 def test_a_lora_extracted_from_a_full_fine_tune_is_a_trained_loras_files(tmp_path, photos,

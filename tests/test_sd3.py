@@ -188,11 +188,57 @@ def test_lora_reloads_to_the_trained_outputs(tmp_path, photos, base):
     assert any(k.startswith("text_encoder.") for k in lora)
     assert any(k.startswith("text_encoder_2.") for k in lora)
     assert not any(k.startswith("text_encoder_3.") for k in lora)
-    trained = probe(load(out))  # the folder holds the adapters merged
-    before = probe(base)
+    tuned = load(out)  # the folder holds the adapters merged
+    trained, before = probe(tuned), probe(base)
     for i in (0, 2):
         assert (trained[i] - before[i]).abs().max() > 1e-3, i
-    check_lora_files(out, base, trained)
+    check_lora_files(out, base, tuned, trained)
+    # kohya's SD3 names, Stability's modules (q/k/v fused), CLIP-L and bigG as te1 and te2
+    kohya = {k.split(".")[0] for k in load_file(out / "lora.safetensors")}
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv",
+            "lora_unet_joint_blocks_0_context_block_mlp_fc2",
+            "lora_unet_joint_blocks_1_context_block_attn_qkv",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te2_text_model_encoder_layers_1_mlp_fc1"} <= kohya
+
+
+def test_a_lora_lands_on_stabilitys_modules_rows_and_halves_included(base):
+    """kohya_layout on the original layout, for LoRA modules a trained run does not have: one
+    part of a fused qkv alone (the other parts' rows stay the base's), the AdaLN modulations
+    whose halves the original holds the other way round (norm_out, the last block's
+    norm1_context), a 1:1 module at alpha != r. Applied as ComfyUI and Forge apply it, it is
+    the same change made to diffusers' weights. A module with no place there is refused."""
+    import copy
+
+    from helpers import apply_kohya_file
+    from train.lora import kohya_layout
+    from train.transformer_file import transformer_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    model, layers = base.transformer, {}
+    for path, rank, alpha in (("transformer_blocks.0.attn.to_k", 2, 2.0),
+                              ("norm_out.linear", 3, 6.0),
+                              ("transformer_blocks.1.norm1_context.linear", 2, 1.0),
+                              ("transformer_blocks.0.ff.net.2", 4, 16.0)):
+        linear = model.get_submodule(path)
+        layers[path] = (torch.randn(rank, linear.in_features, generator=g),
+                        torch.randn(linear.out_features, rank, generator=g), alpha)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, (down, up, alpha) in layers.items():
+            changed.get_submodule(path).weight += alpha / down.shape[0] * up @ down
+    kohya = kohya_layout(model, "transformer", "sd3", layers)
+    assert sorted({k.split(".")[0] for k in kohya}) == [
+        "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_joint_blocks_0_x_block_attn_qkv",
+        "lora_unet_joint_blocks_0_x_block_mlp_fc2",
+        "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"]
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (96, 2)
+    got = apply_kohya_file(transformer_state_dict(model, "sd3"), kohya, "model.diffusion_model.")
+    want = transformer_state_dict(changed, "sd3")
+    assert_close([got[k] for k in want], list(want.values()), tol=1e-5)
+    with pytest.raises(ValueError, match="1 LoRA modules have no place in the original layout"):
+        kohya_layout(model, "transformer", "sd3",
+                     {**layers, "transformer_blocks.0.attn.to_z": layers["norm_out.linear"]})
 
 
 def test_a_lora_extracted_from_a_full_fine_tune_is_a_trained_loras_files(tmp_path, photos,

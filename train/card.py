@@ -17,8 +17,9 @@ from .families import FAMILY_NAMES
 
 # What each output file is, and which tools take it, from where. ComfyUI (v0.3.64) reads the
 # kohya-layout lora.safetensors but not all of diffusers' own LoRA layout: it skips the UNet
-# attention keys of lora/pytorch_lora_weights.safetensors and reads the rest at half scale, so
-# that file is for diffusers only.
+# attention keys of lora/pytorch_lora_weights.safetensors and reads the rest at half scale (and
+# SD 3.x's and FLUX's without their alpha / r), so that file is for diffusers only. diffusers
+# 0.42 has no reader of an SD 3.x kohya LoRA: there, lora/.
 USES = {
     "model_index.json": (
         "the diffusers folder (model_index.json and its component folders)",
@@ -39,13 +40,7 @@ USES = {
         [("AUTOMATIC1111 / Forge", "models/Lora/, then <lora:lora:1> in the prompt"),
          ("ComfyUI", "models/loras/ (Load LoRA)"),
          ("diffusers", 'pipe.load_lora_weights("this folder", '
-                       'weight_name="lora.safetensors")')]),
-    "lora-comfyui.safetensors": (
-        "LoRA (SD 3.x, FLUX.1) in diffusers' names, its scale folded into the weights, which "
-        "ComfyUI maps onto its own fused weights",
-        [("ComfyUI", "models/loras/ (Load LoRA)"),
-         ("diffusers", 'pipe.load_lora_weights("this folder", '
-                       'weight_name="lora-comfyui.safetensors")')]),
+                       'weight_name="lora.safetensors") (SD 3.x: lora/ instead)')]),
     "lora/pytorch_lora_weights.safetensors": (
         "LoRA in diffusers' own layout (not for ComfyUI or AUTOMATIC1111)",
         [("diffusers", 'pipe.load_lora_weights("this folder/lora")')]),

@@ -14,7 +14,8 @@ Training with adapters (the base weights stay frozen; only the returned paramete
 Loading what save_lora wrote, anywhere:
     diffusers   pipe.load_lora_weights(folder / "lora")
                 pipe.load_lora_weights(folder, weight_name="lora.safetensors")  # kohya file too
-    A1111       copy lora.safetensors to models/Lora, prompt with <lora:lora:1>
+                                                                  # (not SD 3.x: see below)
+    A1111/Forge copy lora.safetensors to models/Lora, prompt with <lora:lora:1>
     ComfyUI     copy lora.safetensors to models/loras, use a LoraLoader node
 
 From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
@@ -27,7 +28,7 @@ From a full fine-tune (no adapters trained), a LoRA of a chosen rank:
     extraction_error(base, pipe.unet, lora, "unet", noisy, timesteps, states)  # 0 = exact
     save_extracted(pipe, {"unet": base, "text_encoder": base_te}, 32, folder)
         # what extract_lora=32 writes: SD 1.x/2.x/SDXL the kohya file (resnets too); SD 3.x and
-        # FLUX ({"transformer": ..., CLIPs}) save_lora's two files, a trained LoRA's names
+        # FLUX ({"transformer": ..., CLIPs}) save_lora's two files, a trained LoRA's modules
 
 Targets (UNET_TARGETS, TEXT_TARGETS) are those of kohya's sd-scripts LoRA, the one A1111 and
 ComfyUI users know: every Linear and 1x1 conv inside the UNet's transformer blocks (attention
@@ -41,7 +42,14 @@ training; extract_lora can cover them (UNET_RESNET_TARGETS).
 
 kohya names SD 1.x/2.x modules after diffusers' module paths, but SDXL's UNet modules after the
 original SGM UNet (`input_blocks.4.1.…`), the one its sd-scripts trains SDXL on; `kohya_names`
-maps them with single_file's table, which diffusers' load_lora_weights maps back.
+maps them with single_file's table, which diffusers' load_lora_weights maps back. SD 3.x's and
+FLUX's transformers likewise after their original models (Stability AI's `joint_blocks.…`, Black
+Forest Labs' `double_blocks.…`), whose modules fuse diffusers' q, k and v (and a FLUX single
+block's MLP input) into one: `original_layers` fuses their LoRA exactly, by transformer_file's
+rules. ComfyUI and Forge name a LoRA module after the model's own weight key, so this is the
+one layout both read for them (Forge reads no diffusers-named SD 3.x LoRA); diffusers reads it
+for FLUX.1 (its converter assumes FLUX.1's widths), not for SD 3.x (0.42 has no kohya SD3
+reader): there, `lora/`.
 """
 
 from __future__ import annotations
@@ -104,10 +112,9 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
       "diffusers": folder/lora/pytorch_lora_weights.safetensors, via the pipeline class's
                    save_lora_weights, with the adapter config in its metadata (so alpha ≠ rank
                    survives); read by pipe.load_lora_weights(folder / "lora").
-      "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111 and ComfyUI read (for
-                   SDXL with kohya's SDXL names: see kohya_names).
-      "comfyui":   (SD 3.x, FLUX, instead of "kohya") folder/lora-comfyui.safetensors:
-                   diffusers' names, the alpha / r scale folded in (save_scaled).
+      "kohya":     folder/lora.safetensors, the layout AUTOMATIC1111/Forge and ComfyUI read (for
+                   SDXL with kohya's SDXL names: see kohya_names; for SD 3.x and FLUX under
+                   the original transformer's fused modules: original_layers).
     Returns {layout: path} for the files written. The models must be unwrapped from accelerate."""
     from peft.utils import get_peft_model_state_dict
 
@@ -132,9 +139,6 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     if f"{denoiser}_lora_layers" not in kwargs:
         raise ValueError(f"the pipeline's {denoiser} has no LoRA adapter (see add_lora)")
     written = save_diffusers_layout(pipe, kwargs, folder)
-    if family.KOHYA is None:
-        return written
-
     lora = {}
     for name in (denoiser, *families.text_names(pipe)):
         lora |= kohya_state_dict(getattr(pipe, name), name, kind)
@@ -158,38 +162,15 @@ def diffusers_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 def save_diffusers_layout(pipe, kwargs: dict, folder: Path) -> dict[str, Path]:
     """Write a LoRA given as the pipeline class's save_lora_weights takes it (per part,
     `{part}_lora_layers` in peft's names and `{part}_lora_adapter_metadata`): "diffusers",
-    folder/lora/pytorch_lora_weights.safetensors, and for a family without a kohya layout
-    (SD 3.x, FLUX) "comfyui", folder/lora-comfyui.safetensors (ComfyUI reads diffusers' names,
-    given alphas: save_scaled). Returns {layout: path}."""
+    folder/lora/pytorch_lora_weights.safetensors. Returns {layout: path}."""
     folder = Path(folder)
     type(pipe).save_lora_weights(folder / "lora", **kwargs)
-    written = {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
-    if families.get(families.of(pipe)).KOHYA is None:
-        written["comfyui"] = save_scaled(kwargs, folder / "lora-comfyui.safetensors")
-    return written
-
-
-def save_scaled(kwargs: dict, path: Path) -> Path:
-    """The LoRA of save_lora_weights' `kwargs` as one file of diffusers' key names, each up
-    matrix (lora_B) times lora_alpha / r, so that a reader applying B @ A at scale 1 applies
-    the trained change. ComfyUI maps SD 3.x's and FLUX's diffusers names onto its own fused
-    weights (q, k, v and the MLP input each onto its rows) but reads no metadata, and scales by
-    1 without `.alpha` tensors, which diffusers' SD 3 reader refuses; diffusers reads this file
-    as alpha = r, scale 1, too (`load_lora_weights(folder, weight_name=...)`). One scale per
-    part: rank_pattern and alpha_pattern are not read (an extracted LoRA's are equal: scale 1
-    throughout, as its r and lora_alpha)."""
-    tensors = {}
-    for name in [k.removesuffix("_lora_layers") for k in kwargs if k.endswith("_lora_layers")]:
-        config = kwargs[f"{name}_lora_adapter_metadata"]
-        scale = float(config["lora_alpha"]) / config["r"]
-        tensors |= {f"{name}.{k}": (v * scale if ".lora_B." in k else v).contiguous()
-                    for k, v in kwargs[f"{name}_lora_layers"].items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
+    return {"diffusers": folder / "lora" / "pytorch_lora_weights.safetensors"}
 
 
 def kohya_version(pipe) -> str:
-    """kohya's ss_base_model_version for a pipeline: sd_v1, sd_v2 or sdxl_base_v1-0."""
+    """kohya's ss_base_model_version for a pipeline: sd_v1, sd_v2, sdxl_base_v1-0, sd3 or
+    flux1 (families' KOHYA)."""
     kind = families.of(pipe)
     return families.get(kind).KOHYA["versions"][kind]
 
@@ -208,7 +189,9 @@ def kohya_names(model: nn.Module, kind: str, family: str = "sd1") -> dict[str, s
 
     transformers 5's CLIPTextModel dropped `text_model.`; the kohya names keep it. The UNet's
     containers above the SGM blocks (`down_blocks`, `down_blocks.1`, …) have no SDXL name.
-    `family` ("sd1", "sd2", "sdxl") chooses the naming (train/families: KOHYA)."""
+    `family` ("sd1", "sd2", "sdxl"; "sd3", "flux" for their CLIPs) chooses the naming
+    (train/families: KOHYA). A transformer's modules have no name of their own: its LoRA is
+    named after the original model's fused modules (kohya_layout, original_layers)."""
     naming = families.get(family).KOHYA
     prefix = naming["prefixes"][kind]
     paths = [name for name, _ in model.named_modules()]
@@ -235,24 +218,94 @@ def sgm_path(module_name: str, table: list) -> str | None:
     return (dst + (inner[name] + rest[len(name):] if name else rest)).rstrip(".")
 
 
-def kohya_state_dict(model: nn.Module, kind: str,
-                     family: str = "sd1") -> dict[str, torch.Tensor]:
-    """The model's peft LoRA adapters in kohya layout (names: kohya_names): per module
-    `.lora_down.weight` [r, in] (a conv's [r, in, kh, kw]), `.lora_up.weight` [out, r]
-    ([out, r, 1, 1]), `.alpha` (0-d)."""
+def peft_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The model's peft LoRA adapters (add_lora's), by module path: (lora_A's weight, kohya's
+    down [r, in]; lora_B's, up [out, r]; kohya's alpha, peft's scaling times r)."""
     from peft.tuners.lora import LoraLayer
 
-    names = kohya_names(model, kind, family)
     out = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer) or ADAPTER not in layer.lora_A:
-            continue
-        key = names[name]
-        out[key + ".lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach()
-        out[key + ".lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach()
-        # peft's scaling is alpha/r (or alpha/sqrt(r) with rsLoRA): kohya's alpha is scaling·r.
-        alpha = layer.scaling[ADAPTER] * layer.r[ADAPTER]
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+            # peft's scaling is alpha/r (or alpha/sqrt(r) with rsLoRA): kohya's alpha is scaling·r.
+            out[name] = (layer.lora_A[ADAPTER].weight.detach(),
+                         layer.lora_B[ADAPTER].weight.detach(),
+                         layer.scaling[ADAPTER] * layer.r[ADAPTER])
+    return out
+
+
+def kohya_state_dict(model: nn.Module, kind: str,
+                     family: str = "sd1") -> dict[str, torch.Tensor]:
+    """The model's peft LoRA adapters in kohya layout (kohya_layout)."""
+    return kohya_layout(model, kind, family, peft_layers(model))
+
+
+def kohya_layout(model: nn.Module, kind: str, family: str,
+                 layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+                 ) -> dict[str, torch.Tensor]:
+    """A LoRA of `model`'s modules (`layers`: module path -> (down, up, alpha), the change
+    alpha / r · up @ down) in kohya's layout: per module `.lora_down.weight` [r, in] (a conv's
+    [r, in, kh, kw]), `.lora_up.weight` [out, r] ([out, r, 1, 1]), `.alpha` (0-d), named by
+    kohya_names; a transformer's (`kind="transformer"`: SD 3.x, FLUX) on the original model's
+    modules (original_layers), named `lora_unet_` + the original path with `_` for `.`, as
+    ComfyUI and Forge name them after the model's weight keys."""
+    if not layers:  # e.g. T5, which never trains: it has no kohya prefix either
+        return {}
+    if kind == "transformer":
+        prefix = families.get(family).KOHYA["prefixes"][kind]
+        named = {prefix + path.replace(".", "_"): lora
+                 for path, lora in original_layers(model, family, layers).items()}
+    else:
+        names = kohya_names(model, kind, family)
+        named = {names[path]: lora for path, lora in layers.items()}
+    out = {}
+    for key, (down, up, alpha) in named.items():
+        out[key + ".lora_down.weight"] = down
+        out[key + ".lora_up.weight"] = up
         out[key + ".alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def original_layers(transformer: nn.Module, kind: str,
+                    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """An SD 3.x or FLUX (`kind`) transformer's LoRA `layers` (diffusers module path ->
+    (down, up, alpha)) on the modules of its original layout, by original module path, with
+    transformer_file's rules (transformer_file.RULES):
+    - a module the original fuses from several along its outputs (q, k, v -> `attn.qkv`; a
+      FLUX single block's q, k, v and MLP input -> `linear1`) gets their LoRA exactly: down the
+      parts' downs stacked [sum of ranks, in], up the block diagonal of the parts' ups, each
+      times its alpha / r [sum of outs, sum of ranks], alpha the sum of ranks (scale 1); a
+      part without LoRA adds rows of zeros to up and no rank;
+    - a module that is one of diffusers' keeps its down, up and alpha;
+    - where the original holds AdaLN's halves the other way round (`swap`), up's rows swap.
+    A LoRA module that lands nowhere is an error. fp32 for the fused modules."""
+    from .transformer_file import RULES, swap_halves
+
+    out, used = {}, set()
+    for original, names, swap in RULES[kind](transformer.config):
+        paths = [name.removesuffix(".weight") for name in names]
+        if not original.endswith(".weight") or not any(path in layers for path in paths):
+            continue
+        if len(paths) == 1:
+            down, up, alpha = layers[paths[0]]
+        else:
+            downs, ups = [], []
+            for path in paths:
+                if path in layers:
+                    down, up, alpha = layers[path]
+                    downs.append(down.float())
+                    ups.append(up.float() * (float(alpha) / down.shape[0]))
+                else:  # no LoRA on this part: its rows stay the base's
+                    ups.append(torch.zeros(transformer.get_submodule(path).out_features, 0))
+            down = torch.cat(downs)
+            up = torch.block_diag(*[u.to(down.device) for u in ups])
+            alpha = down.shape[0]
+        out[original.removesuffix(".weight")] = (down, swap_halves(up) if swap else up, alpha)
+        used.update(path for path in paths if path in layers)
+    left = sorted(set(layers) - used)
+    if left:
+        raise ValueError(f"{len(left)} LoRA modules have no place in the original layout, "
+                         f"e.g. {left[0]}")
     return out
 
 
@@ -307,7 +360,8 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
     """A kohya-layout LoRA of `rank` from a full fine-tune (low_rank_deltas: per covered
     Linear/Conv2d, the truncated SVD of tuned - base; unchanged modules skipped, the rank
     clipped to the matrix's); alpha = the module's rank, so the scale is 1. fp32 tensors on
-    the model's device (save_kohya casts).
+    the model's device (save_kohya casts). A transformer's (`kind="transformer"`, `family`
+    "sd3" or "flux") lands on the original model's fused modules (kohya_layout).
 
     Covered by default: UNET_TARGETS (attention q/k/v/out, feed-forward, proj_in/proj_out) or
     TEXT_TARGETS (attention q/k/v/out, mlp fc1/fc2), as in add_lora; `kind` and `family` name
@@ -317,29 +371,26 @@ def extract_lora(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kin
     out_proj: a text-encoder LoRA whose out_proj layers were all skipped (unchanged) loads
     there without its attention part, or not at all; A1111 and ComfyUI read it fine."""
     targets = TARGETS[kind] if targets is None else targets
-    names = kohya_names(tuned, kind, family)
-    out = {}
-    for name, down, up in low_rank_deltas(base, tuned, rank, targets):
-        key = names[name]
-        out[key + ".lora_down.weight"] = down
-        out[key + ".lora_up.weight"] = up
-        out[key + ".alpha"] = torch.tensor(float(down.shape[0]))
-    return out
+    return kohya_layout(tuned, kind, family, {
+        name: (down, up, down.shape[0])
+        for name, down, up in low_rank_deltas(base, tuned, rank, targets)})
 
 
-def extract_peft(base: dict[str, torch.Tensor], tuned: nn.Module, rank: int, kind: str,
-                 dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
-    """The LoRA of `rank` extracted from a full fine-tune of `tuned` (a transformer, or a CLIP
-    text encoder: `kind` is its pipeline attribute) as save_lora collects a trained adapter of
-    add_lora's targets: (its layers in `dtype`, `{path}.lora_A.weight` [r, in] and
-    `.lora_B.weight` [out, r], under diffusers_keys' names; its adapter config, for
-    save_lora_weights' metadata). The config makes every module's scale 1: r = lora_alpha =
-    `rank`, and a module clipped to a lower rank (low_rank_deltas) has that rank as both its
-    rank_pattern and alpha_pattern; target_modules lists the modules extracted (a module the
-    fine-tune left unchanged has no adapter). The patterns and targets are module paths
-    without `text_model.`, which peft matches as suffixes under either transformers' CLIP."""
+def extracted_peft(tuned: nn.Module, deltas: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+                   rank: int, dtype: torch.dtype = torch.float32
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA of `rank` extracted from a full fine-tune of `tuned` (a transformer, or a CLIP
+    text encoder; `deltas`: module path -> (down, up, its rank), low_rank_deltas' at scale 1)
+    as save_lora collects a trained adapter of add_lora's targets: (its layers in `dtype`,
+    `{path}.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], under diffusers_keys'
+    names; its adapter config, for save_lora_weights' metadata). The config makes every
+    module's scale 1: r = lora_alpha = `rank`, and a module clipped to a lower rank
+    (low_rank_deltas) has that rank as both its rank_pattern and alpha_pattern;
+    target_modules lists the modules extracted (a module the fine-tune left unchanged has no
+    adapter). The patterns and targets are module paths without `text_model.`, which peft
+    matches as suffixes under either transformers' CLIP."""
     layers, ranks = {}, {}
-    for name, down, up in low_rank_deltas(base, tuned, rank, TARGETS[kind]):
+    for name, (down, up, _) in deltas.items():
         layers[f"{name}.lora_A.weight"] = down.to("cpu", dtype)
         layers[f"{name}.lora_B.weight"] = up.to("cpu", dtype)
         ranks[name.removeprefix("text_model.")] = down.shape[0]
@@ -355,31 +406,33 @@ def save_extracted(pipe, base_weights: dict[str, dict[str, torch.Tensor]], rank:
     `base_weights` being the weights before training by pipeline attribute (optim.base_weights:
     the denoiser's, and the text encoders' that trained), written in `dtype` in the layouts
     save_lora gives a trained LoRA of the family:
-      SD 1.x/2.x, SDXL  "kohya": folder/lora.safetensors (extract_lora), the UNet's resnets
-                        included (kohya's LoCon): a full fine-tune moves them too.
-      SD 3.x, FLUX      "diffusers" and "comfyui": folder/lora/pytorch_lora_weights.safetensors
-                        and folder/lora-comfyui.safetensors, add_lora's targets under a trained
-                        LoRA's names (extract_peft), every module at scale 1.
+      all               "kohya": folder/lora.safetensors (kohya_layout), every module at
+                        scale 1; SD 1.x/2.x's and SDXL's UNet resnets included (kohya's LoCon):
+                        a full fine-tune moves them too.
+      SD 3.x, FLUX      and "diffusers": folder/lora/pytorch_lora_weights.safetensors,
+                        add_lora's targets under a trained LoRA's names (extracted_peft).
     A LoRA carries only its targets' weight changes: the fine-tune's biases, norms, embeddings
     and other layers stay the base's. Returns {layout: path}."""
     folder = Path(folder)
     kind = families.of(pipe)
-    if families.get(kind).KOHYA is None:
-        kwargs = {}
-        for name, weights in base_weights.items():
-            layers, config = extract_peft(weights, getattr(pipe, name), rank, name, dtype)
-            if layers:  # a part the fine-tune left unchanged has no LoRA
-                kwargs[f"{name}_lora_layers"] = layers
-                kwargs[f"{name}_lora_adapter_metadata"] = config
-        return save_diffusers_layout(pipe, kwargs, folder)
-    lora = {}
+    flow = families.get(kind).DENOISER == "transformer"
+    kwargs, lora = {}, {}
     for name, weights in base_weights.items():
-        targets = UNET_TARGETS + UNET_RESNET_TARGETS if name == "unet" else None
-        lora |= extract_lora(weights, getattr(pipe, name), rank, name, targets=targets,
-                             family=kind)
-    path = save_kohya(lora, folder / "lora.safetensors", dtype, kohya_version(pipe), rank, rank,
-                      v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
-    return {"kohya": path}
+        model = getattr(pipe, name)
+        targets = UNET_TARGETS + UNET_RESNET_TARGETS if name == "unet" else TARGETS[name]
+        # One SVD per module for both files; held in fp32 on the CPU until they are written.
+        deltas = {path: (down.cpu(), up.cpu(), down.shape[0])
+                  for path, down, up in low_rank_deltas(weights, model, rank, targets)}
+        lora |= kohya_layout(model, name, kind, deltas)
+        if flow and deltas:  # a part the fine-tune left unchanged has no LoRA
+            layers, config = extracted_peft(model, deltas, rank, dtype)
+            kwargs[f"{name}_lora_layers"] = layers
+            kwargs[f"{name}_lora_adapter_metadata"] = config
+    written = save_diffusers_layout(pipe, kwargs, folder) if flow else {}
+    written["kohya"] = save_kohya(
+        lora, folder / "lora.safetensors", dtype, kohya_version(pipe), rank, rank,
+        v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
+    return written
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ MAX_INDEX_BYTES = 16 << 20  # a shard index of an SDXL UNet is about 100 KiB
 ADVICE = "send the tarball the trainer returned"
 ADAPTER = "trained"  # the name the trained LoRA is loaded under
 # kohya's ss_base_model_version -> family, for a LoRA whose training.json names no family.
-KOHYA_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+KOHYA_FAMILIES = {families.get(kind).KOHYA["versions"][kind]: kind for kind in FAMILY_NAMES}
 
 
 def unpack(tarball: Path, dest: Path, what: str, name: str | None = None,
@@ -265,7 +265,8 @@ def add_lora(pipe, folder: Path, trained: dict, base: str, what: str,
                          if diffusers_layout.is_file() else (folder, kohya.name))
     try:
         pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as e:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError,
+            AssertionError) as e:  # diffusers' FLUX kohya reader asserts FLUX.1's widths
         remove_lora(pipe)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{what}: the LoRA of {name} does not fit this server's base model "

@@ -38,8 +38,9 @@ What a family module provides (see sd.py, the smallest):
     build(kind, *configs) -> a built-in's pipeline, from a BUILTINS entry
     SINGLE_FILE_TEXT kind -> the text encoders' places in a single-file checkpoint
     KOHYA            kohya's LoRA naming: model version per kind, name prefix per part, and
-                     whether UNet names follow diffusers' module paths or the original's (None:
-                     no kohya layout)
+                     whether the denoiser's names follow diffusers' module paths or the original
+                     model's (SDXL's SGM UNet; SD 3.x's and FLUX's transformers, their fused
+                     q/k/v as transformer_file's rules fuse them)
 
 Adding a family means a module here and an entry in FAMILIES; single_file.py and lora.py hold
 the SD-style key conversions these tables drive.

@@ -45,7 +45,13 @@ DEFAULTS = dict(resolution=1024, max_train_steps=1000, guidance_scale=3.5,
 UNUSED_TEXT_PARAMETERS = False  # the pooled output reads CLIP-L's last layer
 SIDE_MULTIPLE = 16  # 8x VAE, then 2x2 patches
 SINGLE_FILE_TEXT: dict = {}
-KOHYA = None  # the kohya/ComfyUI LoRA layout for FLUX is not written yet
+# kohya's LoRA names (lora.py), as its sd-scripts writes a FLUX.1 LoRA (networks/lora_flux.py) and
+# ComfyUI, Forge and diffusers read one: the transformer's modules under Black Forest Labs' paths
+# (lora_unet_double_blocks_0_img_attn_qkv: q/k/v fused, as transformer_file's rules fuse them),
+# CLIP-L's as lora_te1_text_model_...; "flux1" is kohya's ss_base_model_version.
+KOHYA = {"versions": {"flux": "flux1"},
+         "prefixes": {"transformer": "lora_unet_", "text_encoder": "lora_te1_"},
+         "original_unet_paths": True}
 GUIDANCE = 1.0
 
 

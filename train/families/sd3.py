@@ -43,7 +43,15 @@ DEFAULTS = dict(resolution=1024, max_train_steps=1000, guidance_scale=4.5,
 UNUSED_TEXT_PARAMETERS = False  # the pooled projections use both CLIPs' last layers
 SIDE_MULTIPLE = 16  # 8x VAE, then 2x2 patches
 SINGLE_FILE_TEXT: dict = {}
-KOHYA = None  # no kohya LoRA layout for SD 3.x (diffusers' layout is what its tools read)
+# kohya's LoRA names (lora.py), as its sd-scripts writes an SD 3.x LoRA (networks/lora_sd3.py)
+# and ComfyUI and Forge read one: the transformer's modules under Stability AI's paths, without
+# the file's `model.diffusion_model.` (lora_unet_joint_blocks_0_x_block_attn_qkv: q/k/v fused, as
+# transformer_file's rules fuse them), CLIP-L's as lora_te1_, bigG's as lora_te2_. (kohya writes
+# its model variant, e.g. "5-large", as ss_base_model_version; here "sd3" names the family.)
+KOHYA = {"versions": {"sd3": "sd3"},
+         "prefixes": {"transformer": "lora_unet_", "text_encoder": "lora_te1_",
+                      "text_encoder_2": "lora_te2_"},
+         "original_unet_paths": True}
 
 
 def draw_timesteps(scheduler, n: int, generator: torch.Generator, size=None) -> torch.Tensor:
