@@ -64,6 +64,7 @@ from torch import nn
 
 from . import families
 from .single_file import unet_table
+from .transformer_file import RULES, swap_halves
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
                 "ff.net.0.proj", "ff.net.2")
@@ -279,8 +280,6 @@ def original_layers(transformer: nn.Module, kind: str,
     - a module that is one of diffusers' keeps its down, up and alpha;
     - where the original holds AdaLN's halves the other way round (`swap`), up's rows swap.
     A LoRA module that lands nowhere is an error. fp32 for the fused modules."""
-    from .transformer_file import RULES, swap_halves
-
     out, used = {}, set()
     for original, names, swap in RULES[kind](transformer.config):
         paths = [name.removesuffix(".weight") for name in names]

@@ -25,6 +25,10 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def units(model: nn.Module) -> list[nn.Module]:
@@ -41,9 +45,6 @@ def shard(models: list[nn.Module], device: torch.device,
     returns their classes as they were, for unsharded(). With `param_dtype` (bf16) the
     gathered weights are cast to it for the forward and backward passes; the shards, the
     gradients' averaging and AdamW stay in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     # diffusers' blocks return slices of one tensor, which FSDP warns an in-place op could
     # spoil; nothing after them writes in place (a test compares a sharded run with one process).
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -61,8 +62,6 @@ def shard(models: list[nn.Module], device: torch.device,
 def unsharded(model: nn.Module, cls: type, device: torch.device) -> nn.Module | None:
     """A plain `cls` with the sharded `model`'s full weights, on rank 0 (on `device`); None on
     the other ranks. Every process must call it: the weights are gathered from all of them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     if dist.get_rank():
@@ -83,8 +82,6 @@ def unsharded(model: nn.Module, cls: type, device: torch.device) -> nn.Module | 
 def full_tensors(named: dict) -> dict:
     """`named` tensors with every sharded one (DTensor) gathered whole, on the CPU. Every process
     must call it, with the same tensors in the same order."""
-    from torch.distributed.tensor import DTensor
-
     return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
             for name, t in named.items()}
 
@@ -100,8 +97,6 @@ def full_optimizer_state(optimizer) -> dict:
 def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` as `param` holds it: this process's shard of it when `param` is sharded (every
     process holds `full`, read from the same checkpoint, so nothing is sent)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if not isinstance(param, DTensor):
         return full
     return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
