@@ -95,10 +95,11 @@ def probe(pipe, prompt: str = "a photo of sks ball"):
     pooled embedding or None, denoiser output) for `prompt` padded to its full length (77
     tokens; T5's as the family says), a fixed noisy latent at timestep 500 and (SDXL) fixed
     time ids."""
-    from train.data import tokenize
+    from train.data import prompt_texts, tokenize
 
     family = families.get(families.of(pipe))
-    ids = [tokenize(tokenizer, [prompt], family.TEXT_LENGTHS.get(name))[0]
+    ids = [tokenize(tokenizer, prompt_texts(family, tokenizer, [prompt]),
+                    family.TEXT_LENGTHS.get(name))[0]
            for (_, name), tokenizer in zip(family.TEXT, families.tokenizers(pipe))]
     states, pooled = family.encode_text(families.text_encoders(pipe), ids)
     denoiser = families.denoiser(pipe)

@@ -47,12 +47,13 @@ USES = {
 }
 # The base model's license, by family (Stable Diffusion 1.x is CreativeML Open RAIL-M; 2.x and
 # XL are CreativeML Open RAIL++-M; 3.5 is Stability AI's Community License and FLUX.1 [dev] its
-# own non-commercial license, both "other" on the Hub with their names beside).
+# own non-commercial license, both "other" on the Hub with their names beside; FLUX.2 [klein]
+# is Apache 2.0 at 4B and non-commercial at 9B, which the family does not tell apart: "other").
 LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++",
-            "sd3": "other", "flux": "other"}
+            "sd3": "other", "flux": "other", "flux2": "other"}
 LICENSE_NAMES = {"sd3": "stabilityai-ai-community", "flux": "flux-1-dev-non-commercial-license"}
 HUB_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl",
-            "sd3": "stable-diffusion-3", "flux": "flux"}
+            "sd3": "stable-diffusion-3", "flux": "flux", "flux2": "flux"}
 
 
 def file_uses(written: list[str]) -> dict[str, dict]:

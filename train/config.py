@@ -303,11 +303,12 @@ class TrainConfig:
         100, "Most subjects one run may train (concepts); each reads its folder of the archive",
         ge=1, le=10000, cog=False)
     model: str = setting(
-        "weights", "Base model: a diffusers folder (SD 1.x/2.x/XL, SD 3/3.5, FLUX.1), a "
-                   "single-file .safetensors checkpoint (its configs and tokenizer come from "
-                   "weights/), a built-in name (tiny, tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux, "
-                   "random-sd15, random-sd35-large, random-flux-dev) or toy (pretrained on the "
-                   "toy world of shapes, QUALITY.md); Cog reads BASE_MODEL", cog=False)
+        "weights", "Base model: a diffusers folder (SD 1.x/2.x/XL, SD 3/3.5, FLUX.1, FLUX.2 "
+                   "[klein]), a single-file .safetensors checkpoint (its configs and tokenizer "
+                   "come from weights/), a built-in name (tiny, tiny-sd2, tiny-sdxl, tiny-sd3, "
+                   "tiny-flux, tiny-flux2, random-sd15, random-sd35-large, random-flux-dev, "
+                   "random-flux2-klein) or toy (pretrained on the toy world of shapes, "
+                   "QUALITY.md); Cog reads BASE_MODEL", cog=False)
     output: str | None = setting(None, "Path of the output tarball (.tar)", cog=False)
     work_dir: str | None = setting(
         None, "Folder in which a temporary work folder is made and removed at the end "

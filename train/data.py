@@ -103,11 +103,13 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 @torch.no_grad()
 def encode_images(vae, examples: list[Example], resolution: int, center_crop: bool, seed: int,
                   flip: bool = False, buckets: list[tuple[int, int]] | None = None,
-                  batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each image's latent mean and std (shifted and scaled: latent_scale), float32, on the
-    VAE's device: one [views, c, h, w] tensor per image, view 0 as cropped, view 1 mirrored when
-    `flip`. With `buckets`, each image is cropped to the bucket nearest its aspect ratio, else
-    to a square. Random crops are drawn once per image from `seed`."""
+                  batch_size: int = 8, family=None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each image's latent mean and std (as the denoiser takes them: scale_latents, for
+    `family`), float32, on the VAE's device: one [views, c, h, w] tensor per image, view 0 as
+    cropped, view 1 mirrored when `flip`. With `buckets`, each image is cropped to the bucket
+    nearest its aspect ratio, else to a square. Random crops are drawn once per image from
+    `seed`."""
     rng = random.Random(seed)
     pixels = [image_tensor(ex.image, resolution, center_crop, rng, size)
               for ex, size in zip(examples, target_sizes(examples, resolution, buckets))]
@@ -116,18 +118,18 @@ def encode_images(vae, examples: list[Example], resolution: int, center_crop: bo
     by_shape: dict[tuple, list[int]] = {}
     for i, p in enumerate(pixels):
         by_shape.setdefault(tuple(p.shape), []).append(i)
-    shift, factor = latent_scale(vae)
     for group in by_shape.values():  # one VAE batch holds images of one shape
         flat = [(i, v) for i in group for v in range(len(views[i]))]
         for start in range(0, len(flat), batch_size):
             chunk = flat[start:start + batch_size]
             batch = torch.stack([views[i][v] for i, v in chunk]).to(vae.device, vae.dtype)
             dist = vae.encode(batch).latent_dist
-            for (i, v), mean, std in zip(chunk, dist.mean.float(), dist.std.float()):
+            scaled = scale_latents(family, vae, dist.mean.float(), dist.std.float())
+            for (i, v), mean, std in zip(chunk, *scaled):
                 if v == 0:
                     means[i], stds[i] = [], []
-                means[i].append((mean - shift) * factor)
-                stds[i].append(std * factor)
+                means[i].append(mean)
+                stds[i].append(std)
     return [torch.stack(m) for m in means], [torch.stack(s) for s in stds]
 
 
@@ -135,6 +137,23 @@ def latent_scale(vae) -> tuple[float, float]:
     """(shift, factor): the denoiser's latents are (VAE latent - shift) * factor. SD's VAEs have
     no shift; SD 3.x's and FLUX's 16-channel ones do."""
     return vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
+
+
+def scale_latents(family, vae, mean: torch.Tensor, std: torch.Tensor | None = None):
+    """The denoiser's latents (and the latent distribution's std) from the VAE's: the family's
+    own scale_latents (FLUX.2's patch-wise batch norm), else (mean - shift) * factor and
+    std * factor (latent_scale). `std` may be None."""
+    if hasattr(family, "scale_latents"):
+        return family.scale_latents(vae, mean, std)
+    shift, factor = latent_scale(vae)
+    return (mean - shift) * factor, None if std is None else std * factor
+
+
+def prompt_texts(family, tokenizer, prompts: list[str]) -> list[str]:
+    """What `tokenizer` sees of each prompt: the family's prompt_text (FLUX.2's chat
+    template), else the prompt itself."""
+    wrap = getattr(family, "prompt_text", None)
+    return [wrap(tokenizer, p) for p in prompts] if wrap else list(prompts)
 
 
 def target_sizes(examples: list[Example], resolution: int,
@@ -189,7 +208,8 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
     prompts = sorted({ex.caption for ex in instance + classes}
                      | {p for kept in prior or [] for p in kept})
     index = {p: i for i, p in enumerate(prompts)}
-    tokenized = [tokenize(tokenizer, prompts, family.TEXT_LENGTHS.get(name))
+    tokenized = [tokenize(tokenizer, prompt_texts(family, tokenizer, prompts),
+                          family.TEXT_LENGTHS.get(name))
                  for (_, name), tokenizer in zip(family.TEXT, tokenizers)]
     ids = [i.to(device) for i, _ in tokenized]
     # Slicing to the longer of the two lengths keeps each encoder's end token.
@@ -202,8 +222,9 @@ def prepare(family, vae, text_encoders: list, tokenizers: list, instance: list[E
         emb, pooled = emb.float(), pooled.float() if pooled is not None else None
     buckets = bucket_sizes(resolution) if aspect_buckets else None  # class images stay square
     inst_mean, inst_std = encode_images(vae, instance, resolution, center_crop, seed, flip,
-                                        buckets)
-    cls_mean, cls_std = encode_images(vae, classes, resolution, center_crop, seed + 1, flip)
+                                        buckets, family=family)
+    cls_mean, cls_std = encode_images(vae, classes, resolution, center_crop, seed + 1, flip,
+                                      family=family)
 
     def prompt_index(examples):
         return torch.tensor([index[ex.caption] for ex in examples], dtype=torch.long)

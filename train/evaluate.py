@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import families
-from .data import image_tensor, latent_scale, tokenize
+from .data import image_tensor, prompt_texts, scale_latents, tokenize
 from .errors import UserError, exit_status
 from .intake import prompt_words, read_images, require_images
 from .metrics import (DEFAULT_CLIP, DEFAULT_DINO, FEATURE_BUILTINS, FeatureModels,
@@ -414,7 +414,7 @@ def denoising_proxies(pipe, probe: dict) -> dict:
 @torch.no_grad()
 def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
     """[n, c, h, w] float32 on the CPU: the VAE's mean latent of each image, centre-cropped to
-    `resolution`, shifted and scaled as training caches them (data.latent_scale)."""
+    `resolution`, shifted and scaled as training caches them (data.scale_latents)."""
     vae = pipe.vae
     pixels = torch.stack([image_tensor(im.convert("RGB"), resolution, True, random.Random(0))
                           for im in images])
@@ -422,8 +422,7 @@ def _latents(pipe, images: list[Image.Image], resolution: int) -> torch.Tensor:
     for start in range(0, len(pixels), 8):
         batch = pixels[start:start + 8].to(vae.device, vae.dtype)
         out.append(vae.encode(batch).latent_dist.mean.float().cpu())
-    shift, factor = latent_scale(vae)
-    return (torch.cat(out) - shift) * factor
+    return scale_latents(families.get(families.of(pipe)), vae, torch.cat(out))[0]
 
 
 @torch.no_grad()
@@ -435,7 +434,8 @@ def _predict(pipe, inputs: dict, batch_size: int = 8) -> torch.Tensor:
     encoders, tokenizers = families.text_encoders(pipe), families.tokenizers(pipe)
     denoiser = families.denoiser(pipe)
     device, dtype = denoiser.device, denoiser.dtype
-    ids = [tokenize(tok, [inputs["prompt"]], family.TEXT_LENGTHS.get(name))[0].to(enc.device)
+    ids = [tokenize(tok, prompt_texts(family, tok, [inputs["prompt"]]),
+                    family.TEXT_LENGTHS.get(name))[0].to(enc.device)
            for (_, name), tok, enc in zip(family.TEXT, tokenizers, encoders)]
     states, pooled = family.encode_text(encoders, ids)
     preds = []

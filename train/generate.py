@@ -72,8 +72,8 @@ class GenerateConfig:
               "own, COG_WEIGHTS); the CLI also takes its untarred folder")
     model: str = setting(
         "weights", "Base model a LoRA or a single file is loaded on: a diffusers folder or a "
-                   "built-in name (tiny, tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux); Cog reads "
-                   "BASE_MODEL", cog=False)
+                   "built-in name (tiny, tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux, tiny-flux2); "
+                   "Cog reads BASE_MODEL", cog=False)
     output: str = setting("images", "Folder the PNG images are written to", cog=False)
 
     def __post_init__(self):
@@ -91,6 +91,10 @@ class GenerateConfig:
 
 def draw(pipe, config: GenerateConfig, log=print) -> list:
     """config.num_outputs images of the prompt (PIL), at the model's own size unless given."""
+    kind = families.of(pipe)
+    if config.negative_prompt and not getattr(families.get(kind), "NEGATIVE_PROMPT", True):
+        raise UserError(f"{families.FAMILY_NAMES[kind]} takes no negative prompt: leave "
+                        f"negative_prompt empty")
     own = families.default_resolution(pipe)
     # SD 3.x and FLUX take sides in multiples of 16 (2x2 patches of latents).
     side = families.get(families.of(pipe)).SIDE_MULTIPLE

@@ -76,10 +76,14 @@ UNET_RESNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj",
 # attention and feed-forward; in FLUX's single-stream blocks, q/k/v and the MLP's input
 # (proj_mlp; their proj_out, which carries both attention and MLP out, stays frozen, as in
 # diffusers' FLUX trainer). diffusers' SD3 trainer adapts the attention only; the feed-forward
-# is kept for the reason given above.
+# is kept for the reason given above. FLUX.2 names its feed-forward linear_in/linear_out and
+# fuses a single block's q/k/v and MLP input into to_qkv_mlp_proj (its to_out stays frozen, as
+# FLUX.1's proj_out); no other family has those names.
 TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                        "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
-                       "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
+                       "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+                       "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+                       "ff_context.linear_out", "to_qkv_mlp_proj")
 TARGETS = {"unet": UNET_TARGETS, "transformer": TRANSFORMER_TARGETS,
            "text_encoder": TEXT_TARGETS, "text_encoder_2": TEXT_TARGETS}
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "init_lora_weights", "rank_pattern",
@@ -140,6 +144,8 @@ def save_lora(pipe, folder: Path, dtype: torch.dtype = torch.float16) -> dict[st
     if f"{denoiser}_lora_layers" not in kwargs:
         raise ValueError(f"the pipeline's {denoiser} has no LoRA adapter (see add_lora)")
     written = save_diffusers_layout(pipe, kwargs, folder)
+    if family.KOHYA is None:  # FLUX.2: no kohya layout yet
+        return written
     lora = {}
     for name in (denoiser, *families.text_names(pipe)):
         lora |= kohya_state_dict(getattr(pipe, name), name, kind)
@@ -415,6 +421,7 @@ def save_extracted(pipe, base_weights: dict[str, dict[str, torch.Tensor]], rank:
     folder = Path(folder)
     kind = families.of(pipe)
     flow = families.get(kind).DENOISER == "transformer"
+    kohya = families.get(kind).KOHYA is not None  # FLUX.2: diffusers' layout only
     kwargs, lora = {}, {}
     for name, weights in base_weights.items():
         model = getattr(pipe, name)
@@ -422,15 +429,17 @@ def save_extracted(pipe, base_weights: dict[str, dict[str, torch.Tensor]], rank:
         # One SVD per module for both files; held in fp32 on the CPU until they are written.
         deltas = {path: (down.cpu(), up.cpu(), down.shape[0])
                   for path, down, up in low_rank_deltas(weights, model, rank, targets)}
-        lora |= kohya_layout(model, name, kind, deltas)
+        if kohya:
+            lora |= kohya_layout(model, name, kind, deltas)
         if flow and deltas:  # a part the fine-tune left unchanged has no LoRA
             layers, config = extracted_peft(model, deltas, rank, dtype)
             kwargs[f"{name}_lora_layers"] = layers
             kwargs[f"{name}_lora_adapter_metadata"] = config
     written = save_diffusers_layout(pipe, kwargs, folder) if flow else {}
-    written["kohya"] = save_kohya(
-        lora, folder / "lora.safetensors", dtype, kohya_version(pipe), rank, rank,
-        v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
+    if kohya:
+        written["kohya"] = save_kohya(
+            lora, folder / "lora.safetensors", dtype, kohya_version(pipe), rank, rank,
+            v_prediction=pipe.scheduler.config.get("prediction_type") == "v_prediction")
     return written
 
 

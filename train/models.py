@@ -11,11 +11,15 @@ Built-in names (no download, random weights fixed by a seed):
                text encoders, the 16-channel VAE, the flow-matching scheduler shifted by 3.
   tiny-flux    FLUX.1 [dev] at toy widths: double- and single-stream blocks, rotary positions,
                the guidance embedding, CLIP-L pooled and T5, FLUX's VAE and dynamic shift.
+  tiny-flux2   FLUX.2 [klein] at toy widths: its transformer (4-axis rotary positions, no
+               guidance input), the 32-channel VAE with its batch norm, a 28-layer Qwen3 and
+               an offline Qwen tokenizer with Qwen3's chat template.
   random-sd15  The full-size SD 1.5 architecture (860 M UNet, CLIP-L text encoder, full VAE).
                Speed and memory are those of the real model: for GPU benchmarks.
-  random-sd35-large, random-flux-dev
-               SD 3.5 Large (8.1 B) and FLUX.1 [dev] (11.9 B) at full size, T5-XXL included:
-               for GPU benchmarks and for counting FLOPs and memory on the meta device.
+  random-sd35-large, random-flux-dev, random-flux2-klein
+               SD 3.5 Large (8.1 B), FLUX.1 [dev] (11.9 B) and FLUX.2 [klein] 4B at full
+               size, their text encoders included (T5-XXL, Qwen3-4B): for GPU benchmarks and
+               for counting FLOPs and memory on the meta device.
 
 Shipped pretrained (a diffusers folder in the project, made by its own script):
   toy          SD 1.x family at 64 px, pretrained on the toy world of shapes (toy/world.py)
@@ -91,6 +95,8 @@ def load_pipeline(model: str, device: torch.device | str, config_folder: str | N
     if missing:
         raise UserError(f"{named(model, what)} has no {', '.join(missing)}: pass a complete "
                         f"diffusers folder (as save_pretrained writes it)")
+    if hasattr(families.get(kind), "loaded"):  # FLUX.2: Qwen3's pad id
+        families.get(kind).loaded(pipe)
     if model in BUILTINS and dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.vae.to(dtype=torch.float32)  # it encodes each image once; SDXL's overflows in fp16

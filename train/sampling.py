@@ -62,11 +62,14 @@ def generate(pipe, prompt: str | list[str], count: int, *, batch_size: int, step
                 chunk = prompts[len(images):len(images) + n]
                 # One prompt: encoded once, as before prompts could differ (the same pixels).
                 one = len(set(chunk)) == 1
-                out = pipe(chunk[0] if one else chunk, num_images_per_prompt=n if one else 1,
-                           negative_prompt=negative_prompt if one or negative_prompt is None
-                           else [negative_prompt] * n, num_inference_steps=steps,
-                           guidance_scale=guidance, height=height, width=width,
-                           generator=generator)
+                # Only when given: FLUX.2 [klein]'s pipeline takes no negative prompt at all
+                # (and its first argument is an image: the prompt goes by name).
+                negative = {} if negative_prompt is None else dict(
+                    negative_prompt=negative_prompt if one else [negative_prompt] * n)
+                out = pipe(prompt=chunk[0] if one else chunk,
+                           num_images_per_prompt=n if one else 1,
+                           num_inference_steps=steps, guidance_scale=guidance, height=height,
+                           width=width, generator=generator, **negative)
             images.extend(out.images)
             elapsed = time.perf_counter() - start
             log(f"{label}: {len(images)}/{count}  {len(images) / elapsed:.2f} images/s")

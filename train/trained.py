@@ -50,7 +50,8 @@ MAX_INDEX_BYTES = 16 << 20  # a shard index of an SDXL UNet is about 100 KiB
 ADVICE = "send the tarball the trainer returned"
 ADAPTER = "trained"  # the name the trained LoRA is loaded under
 # kohya's ss_base_model_version -> family, for a LoRA whose training.json names no family.
-KOHYA_FAMILIES = {families.get(kind).KOHYA["versions"][kind]: kind for kind in FAMILY_NAMES}
+KOHYA_FAMILIES = {families.get(kind).KOHYA["versions"][kind]: kind for kind in FAMILY_NAMES
+                  if families.get(kind).KOHYA}  # FLUX.2 has no kohya layout
 
 
 def unpack(tarball: Path, dest: Path, what: str, name: str | None = None,

@@ -1,10 +1,10 @@
-"""Model families: everything that differs between Stable Diffusion 1.x/2.x, SDXL, SD 3.x and
-FLUX.1, one module each, behind the few functions the recipe, the loop, the data and the
-evaluation call.
+"""Model families: everything that differs between Stable Diffusion 1.x/2.x, SDXL, SD 3.x,
+FLUX.1 and FLUX.2 [klein], one module each, behind the few functions the recipe, the loop, the
+data and the evaluation call.
 
     from train import families
-    kind = families.of(pipe)                  # "sd1", "sd2", "sdxl", "sd3" or "flux"
-    fam = families.get(kind)                  # the family's module: sd, sdxl, sd3 or flux
+    kind = families.of(pipe)                  # "sd1", "sd2", "sdxl", "sd3", "flux", "flux2"
+    fam = families.get(kind)                  # the family's module: sd, sdxl, sd3, flux, flux2
     states, pooled = fam.encode_text(families.text_encoders(pipe), ids)
     prediction = fam.denoise(families.denoiser(pipe), noisy, timesteps, states, pooled, time_ids)
 
@@ -40,7 +40,16 @@ What a family module provides (see sd.py, the smallest):
     KOHYA            kohya's LoRA naming: model version per kind, name prefix per part, and
                      whether the denoiser's names follow diffusers' module paths or the original
                      model's (SDXL's SGM UNet; SD 3.x's and FLUX's transformers, their fused
-                     q/k/v as transformer_file's rules fuse them)
+                     q/k/v as transformer_file's rules fuse them); None: no kohya layout
+                     (FLUX.2: its LoRA is written in diffusers' layout only)
+
+Optional, where a family differs (flux2.py has them all):
+    prompt_text(tokenizer, prompt) -> the text the tokenizer sees (FLUX.2: the chat template)
+    scale_latents(vae, mean, std) -> the denoiser's latents and their std from the VAE's
+                     (default: data.latent_scale's shift and scale; FLUX.2: per-patch batch norm)
+    loaded(pipe)     what a loaded pipeline needs set (FLUX.2: Qwen3's pad id, for its mask)
+    SINGLE_FILE      False: no single-file output (check_settings refuses it)
+    NEGATIVE_PROMPT  False: the pipeline takes no negative prompt
 
 Adding a family means a module here and an entry in FAMILIES; single_file.py and lora.py hold
 the SD-style key conversions these tables drive.
@@ -52,11 +61,11 @@ import dataclasses
 from types import ModuleType
 
 from ..errors import UserError
-from . import flux, sd, sd3, sdxl
+from . import flux, flux2, sd, sd3, sdxl
 
-MODULES = (sd, sdxl, sd3, flux)
+MODULES = (sd, sdxl, sd3, flux, flux2)
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.x",
-                "flux": "FLUX.1"}
+                "flux": "FLUX.1", "flux2": "FLUX.2 [klein]"}
 FAMILIES = {kind: module for module in MODULES for kind in module.KINDS}
 PIPELINES = {module.PIPELINE for module in MODULES}
 # Built-in models by name: (family, denoiser config, VAE config, text encoder config, ...).
@@ -66,7 +75,7 @@ SINGLE_FILE_TEXT = {**sd.SINGLE_FILE_TEXT, **sdxl.SINGLE_FILE_TEXT}
 
 
 def get(kind: str) -> ModuleType:
-    """The module of family `kind` ("sd1", "sd2", "sdxl", "sd3", "flux")."""
+    """The module of family `kind` ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")."""
     return FAMILIES[kind]
 
 
@@ -76,7 +85,7 @@ def detect(pipeline: str, text_act: str | None, linear_projection: bool | None) 
     # SD 2.x replaced CLIP-L (quick_gelu) by OpenCLIP-H (gelu) and the UNet's 1x1-conv attention
     # projections by linear ones; no SD 1.x model has either, so either one marks SD 2.x. The
     # text encoder also decides the single-file layout (CLIP or OpenCLIP keys).
-    for module in (sdxl, sd3, flux):  # one kind per pipeline class
+    for module in (sdxl, sd3, flux, flux2):  # one kind per pipeline class
         if pipeline == module.PIPELINE:
             return module.KINDS[0]
     return "sd2" if text_act == "gelu" or linear_projection else "sd1"
@@ -115,7 +124,8 @@ def tokenizers(pipe) -> list:
 
 def settle(config, kind: str):
     """`config` (a TrainConfig) with the settings it leaves unset (None) at family `kind`'s
-    defaults, and the names and values of those it took."""
+    defaults, and the names and values of those it took; train_text_encoder off where no text
+    encoder of the family trains (FLUX.2's Qwen3: its embeddings are then cached)."""
     table = get(kind).DEFAULTS
     defaults = dict(resolution=table["resolution"], max_train_steps=table["max_train_steps"],
                     class_guidance_scale=table["guidance_scale"],
@@ -123,7 +133,10 @@ def settle(config, kind: str):
                     learning_rate=table["lora_learning_rate" if config.use_lora
                                         else "learning_rate"])
     taken = {name: value for name, value in defaults.items() if getattr(config, name) is None}
-    return dataclasses.replace(config, **taken), taken
+    config = dataclasses.replace(config, **taken)
+    if all(encoder in get(kind).FROZEN_TEXT for encoder, _ in get(kind).TEXT):
+        config = dataclasses.replace(config, train_text_encoder=False)
+    return config, taken
 
 
 def check_settings(config, kind: str) -> None:
@@ -139,3 +152,9 @@ def check_settings(config, kind: str) -> None:
     if config.snr_gamma > 0:
         raise UserError(f"snr_gamma (min-SNR weighting) is a DDPM weighting; {name} is "
                         f"trained by flow matching: set snr_gamma to 0")
+    if "single_file" in config.formats() and not getattr(family, "SINGLE_FILE", True):
+        raise UserError(f"{name} has no single-file output: set output_format to diffusers "
+                        f"and/or lora")
+    if config.save_sample_negative_prompt and not getattr(family, "NEGATIVE_PROMPT", True):
+        raise UserError(f"{name} takes no negative prompt: leave save_sample_negative_prompt "
+                        f"unset")
