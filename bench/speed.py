@@ -78,6 +78,10 @@ NAMED = {
         f"{about}, {side} px, LoRA rank 16 in bf16, gradient checkpointing")
        for name, about in (("flux-dev", "FLUX.1 [dev] size"), ("sd35-large", "SD 3.5 Large size"))
        for side in (512, 1024)},
+    "flux2-klein-lora-1024": ("cuda", dict(
+        model="random-flux2-klein", resolution=1024, num_class_images=8, train_text_encoder=False,
+        use_lora=True, learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True),
+        "FLUX.2 [klein] 4B size, 1024 px, LoRA rank 16 in bf16, gradient checkpointing"),
     "flux-dev-qlora-1024": ("cuda", dict(
         model="random-flux-dev", resolution=1024, num_class_images=8, train_text_encoder=False,
         use_lora=True, learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True,
