@@ -36,7 +36,7 @@ from train import cog_files  # replaces Cog's URLPath.convert: file inputs are f
 from train.cli import to_argv
 from train.config import field_type, fields
 from train.distributed import cuda_available, launch, process_count
-from train.cleanup import remove, remove_leftovers
+from train.cleanup import remove, remove_leftovers, remove_own_runs
 from train.models import check_model
 
 SETTINGS = {f.name: f for f in fields()}
@@ -266,6 +266,7 @@ class Predictor(BasePredictor):
             return self.run_training(inputs)
         finally:
             cog_files.clear()
+            remove_own_runs(tempfile.gettempdir())
 
     def train(
         self,
@@ -470,6 +471,7 @@ class Predictor(BasePredictor):
             return TrainingOutput(weights=self.run_training(inputs))
         finally:
             cog_files.clear()
+            remove_own_runs(tempfile.gettempdir())
 
     def run_training(self, inputs: dict) -> Path:
         for name in FILES:

@@ -132,3 +132,20 @@ def test_sigterm_twice_on_the_command_line_is_one_line_and_leaves_nothing(tmp_pa
         child.kill()
     assert child.returncode == 130 and stderr == "error: interrupted\n", stderr
     assert list(work.iterdir()) == [] and not out.exists()
+
+
+def test_a_server_removes_the_work_folders_its_own_runs_left(tmp_path):
+    """What an interruption landing just before a run's own clean-up leaves (remove_own_runs,
+    after every prediction): this process's work folders go, nothing else does."""
+    from train.cleanup import remove_own_runs
+
+    mine = tmp_path / f"dreambooth-{os.getpid()}-abc123"
+    (mine / "class_images").mkdir(parents=True)
+    (mine / "class_images" / "0.png").write_bytes(b"x")
+    others = [tmp_path / f"dreambooth-{os.getpid() + 1}-abc123",  # another process's run
+              tmp_path / f"dreambooth-out-{os.getpid()}-abc123",  # the server's own output
+              tmp_path / f"dreambooth-gen-{os.getpid()}-abc123"]  # a generator's cache
+    for folder in others:
+        folder.mkdir()
+    remove_own_runs(tmp_path)
+    assert not mine.exists() and all(folder.is_dir() for folder in others)

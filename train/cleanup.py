@@ -3,6 +3,7 @@ processes killed outright left behind.
 
     remove(work)                      # finishes even if a second Ctrl-C or cancel arrives
     remove_leftovers("/tmp")          # -> names of dreambooth-PID-* folders of dead processes
+    remove_own_runs("/tmp")           # what this process's interrupted runs left (a server's)
 
 A run removes its work folder on the way out, and the way out is usually an interruption: Ctrl-C,
 SIGTERM, a Cog cancel. A user who presses Ctrl-C twice, or a client that cancels twice, would
@@ -43,6 +44,15 @@ def remove(path: str | Path) -> None:
             held = held or e
     if held is not None:
         raise held
+
+
+def remove_own_runs(folder: str | Path) -> None:
+    """Remove the work folders (dreambooth-PID-*) this process's runs left in `folder`. A run
+    removes its own on the way out, but an interruption can land in the few statements before
+    that removal starts (a second cancel, milliseconds after the first); a server calls this
+    after every prediction, so that it takes a third to leak one."""
+    for path in Path(folder).glob(f"dreambooth-{os.getpid()}-*"):
+        remove(path)
 
 
 def remove_leftovers(folder: str | Path) -> list[str]:
